@@ -1,0 +1,132 @@
+"""One config mechanism for every verb: dataclasses filled from a YAML file plus flag overrides.
+
+Built on TRL's ``TrlParser`` (itself ``transformers.HfArgumentParser``), so a
+verb can reuse TRL's ``SFTConfig`` and every TRL field works. Flags are
+accepted as ``--beam_size`` and ``--beam-size``; YAML keys likewise. Unknown
+keys and flags are errors that name the key (and the file) and suggest the
+closest known name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "parse_config", "load_yaml_config", "make_parser"]
+
+
+class ConfigError(ValueError):
+    """A bad config file, key, flag or value; the message names it."""
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def make_parser(types: tuple[type, ...], prog: str, description: str, positionals: tuple[str, ...] = ()):
+    """A ``TrlParser`` for ``types`` with ``--config FILE`` and no abbreviated flags."""
+    from trl import TrlParser
+
+    usage = None
+    if positionals:
+        names = " ".join(p.upper() for p in positionals)
+        usage = f"{prog} {names} [options]   ({names} may also be given as --{' --'.join(positionals)})"
+    parser = TrlParser(types, prog=prog, description=description, usage=usage, allow_abbrev=False)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
+    return parser
+
+
+def _field_names(types: tuple[type, ...]) -> list[str]:
+    return [f.name for t in types for f in dataclasses.fields(t) if f.init]
+
+
+def load_yaml_config(path: str | Path, types: tuple[type, ...]) -> dict[str, Any]:
+    """Read a YAML mapping of options, normalising ``beam-size`` to ``beam_size``.
+
+    Raises:
+        ConfigError: a missing or unparsable file, a non-mapping, or an unknown key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
+    known = _field_names(types)
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown key {key!r} in {path}{_suggest(name, known)}")
+        out[name] = value
+    return out
+
+
+def _expand_positionals(argv: list[str], positionals: tuple[str, ...]) -> list[str]:
+    """Turn leading bare arguments into ``--name value`` for the verb's positional fields."""
+    out, rest, i = [], list(argv), 0
+    while rest and i < len(positionals) and not rest[0].startswith("-"):
+        out += [f"--{positionals[i]}", rest.pop(0)]
+        i += 1
+    return out + rest
+
+
+def parse_config(types: tuple[type, ...], argv: list[str], *, prog: str = "stagereason",
+                 description: str = "", positionals: tuple[str, ...] = ()) -> tuple:
+    """Parse ``argv`` (``--config FILE`` plus flags) into one instance of each dataclass in ``types``.
+
+    Args:
+        types: the verb's config dataclasses.
+        argv: the arguments after the verb.
+        prog: program name for usage and errors.
+        description: the verb's ``--help`` text.
+        positionals: fields that may also be given as leading bare arguments.
+
+    Returns:
+        A tuple with one instance per type.
+
+    Raises:
+        ConfigError: unknown flag or key, bad YAML, or a value the dataclass rejects.
+        SystemExit: ``--help``, or a missing required option / bad value (argparse prints why).
+    """
+    parser = make_parser(types, prog, description, positionals)
+    args = _expand_positionals(list(argv), positionals)
+    pre, _ = _pre_parser().parse_known_args(args)
+    if pre.config:
+        defaults = load_yaml_config(pre.config, types)
+        parser.set_defaults_with_config(**defaults)
+    try:
+        *objs, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prog}: {err}") from err
+    if remaining:
+        flags = [a for a in remaining if a.startswith("-")] or remaining
+        known = [o for a in parser._actions for o in a.option_strings]
+        bad = flags[0].split("=")[0]
+        what = "unknown option" if bad.startswith("-") else "unexpected argument"
+        raise ConfigError(f"{prog}: {what} {bad}{_suggest(bad, known)}; see {prog} --help")
+    return tuple(o for o in objs if not isinstance(o, argparse.Namespace))  # drop the --config namespace
+
+
+def _pre_parser():
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    return pre
+
+
+def dump_config(objs: tuple, path: str | Path) -> None:
+    """Write the resolved config of a run as YAML (one mapping, every field)."""
+    merged: dict[str, Any] = {}
+    for obj in objs:
+        d = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        merged.update(d)
+    Path(path).write_text(yaml.safe_dump(merged, sort_keys=False))

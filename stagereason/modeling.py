@@ -1,0 +1,223 @@
+"""Load a vision-language model and its processor: precision, quantization, attention, adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+__all__ = ["choose_attention", "load_model", "non_quantized_modules", "resolve_dtype", "quantization_config"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+# Top-level parts of a VLM that stay in full precision under 4/8-bit loading.
+_KEEP_FULL_PRECISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|mm_projector)$")
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """``"auto"`` is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(_DTYPES))}") from None
+
+
+def _model_class(config):
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(
+            f"model type {config.model_type!r} is not an image-text-to-text model "
+            "(AutoModelForImageTextToText cannot load it)"
+        )
+    return AutoModelForImageTextToText._model_mapping[type(config)]
+
+
+def choose_attention(config, requested: str = "auto") -> tuple[str, str]:
+    """Pick the attention implementation for a model and say why.
+
+    ``auto`` takes FlashAttention-2 where the model supports it and the
+    ``flash-attn`` package and a CUDA GPU are present, else SDPA (PyTorch
+    dispatches to its own flash kernels where it can), else eager.
+
+    Args:
+        config: the model's ``PretrainedConfig``.
+        requested: ``auto``, ``flash_attention_2``, ``sdpa``, ``eager`` or any
+            implementation name transformers knows.
+
+    Returns:
+        ``(implementation, reason)``.
+
+    Raises:
+        ValueError: ``flash_attention_2`` asked for a model or machine that cannot run it.
+    """
+    cls = _model_class(config)
+    name = config.model_type
+    supports_fa2 = bool(getattr(cls, "_supports_flash_attn", False))
+    has_pkg = importlib.util.find_spec("flash_attn") is not None
+    has_gpu = torch.cuda.is_available()
+    if requested == "flash_attention_2":
+        if not supports_fa2:
+            raise ValueError(f"{name} does not support flash_attention_2 in transformers; use sdpa")
+        if not (has_pkg and has_gpu):
+            raise ValueError("flash_attention_2 needs the flash-attn package and a CUDA GPU "
+                             "(pip install 'stagereason[flash]')")
+        return requested, "requested"
+    if requested != "auto":
+        return requested, "requested"
+    if supports_fa2 and has_pkg and has_gpu:
+        return "flash_attention_2", f"{name} supports it and flash-attn and a GPU are present"
+    sdpa = getattr(cls, "_supports_sdpa", False)
+    if not supports_fa2:
+        why = f"{name} does not support flash_attention_2"
+        if name == "mllama":
+            why += " (it builds 4-D cross-attention masks)"
+    elif not has_pkg:
+        why = "flash-attn is not installed"
+    else:
+        why = "no CUDA GPU"
+    return ("sdpa", why) if sdpa else ("eager", why + "; no SDPA support either")
+
+
+def non_quantized_modules(config) -> list[str]:
+    """Full module paths to keep out of 4/8-bit quantization: vision tower, projector, ``lm_head``.
+
+    Found by building the model on the meta device, so it works for any
+    image-text-to-text architecture. transformers 5 needs full paths here:
+    short names would quantize the vision tower and ``lm_head`` anyway.
+    """
+    cls = _model_class(config)
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    keep = []
+    for name, _ in model.named_modules():
+        if _KEEP_FULL_PRECISION.search(name) and not any(name.startswith(k + ".") for k in keep):
+            keep.append(name)
+    out_name = "lm_head"
+    for name, module in model.named_modules():
+        if module is model.get_output_embeddings():
+            out_name = name
+    return keep + [out_name]
+
+
+def quantization_config(config, quantization: str | None, compute_dtype: torch.dtype):
+    """A ``BitsAndBytesConfig`` for ``"4bit"`` (QLoRA: nf4, double quantization) or ``"8bit"``."""
+    if quantization is None or quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = non_quantized_modules(config)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype,
+            llm_int8_skip_modules=skip,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise ValueError(f"unknown quantization {quantization!r}; use 4bit, 8bit or none")
+
+
+def _device_map(device_map, quantized: bool):
+    if device_map != "auto":
+        return device_map
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one full copy per process under accelerate/torchrun
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if not torch.cuda.is_available():
+        return {"": "cpu"} if quantized else None
+    return "auto"
+
+
+def _load_adapter(model, adapter: str | Path, name_or_path: str):
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"adapter {adapter} has no adapter_config.json (is it a LoRA/QLoRA run dir?)")
+    trained_on = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"adapter {adapter} (trained on {trained_on!r}) does not fit base model {name_or_path!r}: {err}"
+        ) from err
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    quantization: str | None = None,
+    attn_implementation: str = "auto",
+    adapter: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict | None = "auto",
+):
+    """Load an image-text-to-text model and its processor.
+
+    Args:
+        name_or_path: a local directory or hub name (Mllama, Qwen2.5-VL, any
+            ``AutoModelForImageTextToText`` model).
+        quantization: ``None``, ``"4bit"`` (nf4 + double quantization, compute
+            in ``dtype``) or ``"8bit"``. The vision tower, the projector and
+            ``lm_head`` always stay in full precision.
+        attn_implementation: ``"auto"`` (see :func:`choose_attention`) or a
+            transformers implementation name.
+        adapter: a PEFT adapter directory (a train run dir) to load on top.
+            When it holds a processor, that processor is used.
+        dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"bf16"``, ``"fp16"``, ``"fp32"``.
+        device_map: ``"auto"`` spreads over GPUs (one device per process under
+            accelerate), keeps the CPU otherwise; anything else goes to transformers.
+
+    Returns:
+        ``(model, processor)``.
+
+    Raises:
+        ValueError: not an image-text-to-text model, bad dtype or quantization,
+            an attention implementation the model or machine cannot run, or an
+            adapter trained for another base.
+        FileNotFoundError: an adapter directory without ``adapter_config.json``.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    name_or_path = str(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path)
+    cls = _model_class(config)
+    torch_dtype = resolve_dtype(dtype)
+    attn, why = choose_attention(config, attn_implementation)
+    quant = quantization_config(config, quantization, torch_dtype)
+    logger.info("loading %s as %s: dtype %s, quantization %s, attention %s (%s)",
+                name_or_path, cls.__name__, str(torch_dtype).removeprefix("torch."),
+                quantization or "none", attn, why)
+    model = cls.from_pretrained(
+        name_or_path, dtype=torch_dtype, attn_implementation=attn,
+        quantization_config=quant, device_map=_device_map(device_map, quant is not None),
+    )
+    processor_src = name_or_path
+    if adapter is not None:
+        model = _load_adapter(model, adapter, name_or_path)
+        if (Path(adapter) / "processor_config.json").is_file() or (Path(adapter) / "tokenizer_config.json").is_file():
+            processor_src = str(adapter)
+    processor = AutoProcessor.from_pretrained(processor_src)
+    return model, processor

@@ -1,0 +1,130 @@
+"""The CLI: verbs table, help, YAML + flags, unknown keys and flags, unavailable verbs, safe output.
+
+Assets: YAML files written here; models built by the `tiny-model` verb itself.
+"""
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from stagereason.cli import VERBS, main
+from stagereason.config import ConfigError, parse_config
+
+EXPECTED_VERBS = ["tiny-model", "gen", "validate", "train", "infer", "eval", "export"]
+
+
+@dataclass
+class _Opts:
+    beam_size: int = field(default=4, metadata={"help": "candidates per stage"})
+    judge: str = "self"
+    temperature: float = 1.0
+    out_dir: str = ""
+
+
+def test_help_lists_every_verb(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert list(VERBS) == EXPECTED_VERBS
+    for verb in EXPECTED_VERBS:
+        assert f"\n  {verb} " in out
+
+
+def test_no_arguments_prints_usage_and_fails(capsys):
+    assert main([]) == 2
+    assert "verbs:" in capsys.readouterr().out
+
+
+def test_unknown_verb_suggests(capsys):
+    assert main(["tiny_model"]) == 2
+    assert "did you mean 'tiny-model'" in capsys.readouterr().err
+
+
+def test_verb_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["tiny-model", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ["--out_dir", "--out-dir", "--preset", "--seed", "--force", "--json", "--config"]:
+        assert opt in out
+    assert "usage: stagereason tiny-model OUT_DIR [options]" in out
+
+
+@pytest.mark.parametrize("verb", [v for v in EXPECTED_VERBS if VERBS[v].run is None])
+def test_unavailable_verbs_say_so_and_exit_2(verb, capsys):
+    assert main([verb, "--anything"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_flags_accept_dashes_and_underscores():
+    (a,) = parse_config((_Opts,), ["--beam_size", "2"])
+    (b,) = parse_config((_Opts,), ["--beam-size", "3"])
+    assert (a.beam_size, b.beam_size) == (2, 3)
+
+
+def test_yaml_then_flags_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("beam-size: 8\njudge: loglik\ntemperature: 1e-5\n")
+    (o,) = parse_config((_Opts,), ["--config", str(cfg), "--judge", "self"])
+    assert (o.beam_size, o.judge, o.temperature) == (8, "self", 1e-5)
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("beam_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'beam_sise' in .*c.yaml \(did you mean 'beam_size'\?\)"):
+        parse_config((_Opts,), ["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("text,match", [("- a\n- b\n", "must hold a mapping"), ("a: [1,\n", "not valid YAML")])
+def test_bad_yaml_is_a_clear_error(tmp_path, text, match):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        parse_config((_Opts,), ["--config", str(cfg)])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config((_Opts,), ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_unknown_flag_is_an_error_with_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown option --beam_sze \(did you mean '--beam_size'\?\)"):
+        parse_config((_Opts,), ["--beam_sze", "2"])
+    with pytest.raises(ConfigError, match="unknown option --beam"):  # no abbreviations
+        parse_config((_Opts,), ["--beam", "2"])
+
+
+def test_bad_value_type_exits_with_argparse_error():
+    with pytest.raises(SystemExit):
+        parse_config((_Opts,), ["--beam_size", "many"])
+
+
+def test_tiny_model_verb_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["tiny-model", str(out), "--preset", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["image_token_id"] == result["text_vocab_size"]
+    assert result["image_reaches_text"] is True
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                     "processor_config.json", "stagereason_tiny.json", "tokenizer.json", "tokenizer_config.json"]
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["tiny-model", str(out), "--preset", "test", "--seed", "5"]) == 1
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before  # untouched
+    assert main(["tiny-model", str(out), "--preset", "test", "--seed", "5", "--force"]) == 0
+    assert (out / "model.safetensors").read_bytes() != before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_console_script_runs(tmp_path):
+    exe = [sys.executable, "-m", "stagereason.cli"]
+    res = subprocess.run(exe + ["tiny-model", "--out-dir", str(tmp_path / "m"), "--preset", "test", "--presett", "x"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "unknown option --presett (did you mean '--preset'?)" in res.stderr
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,96 @@
+"""load_model: attention choice, precision, 4-bit skip modules, adapters.
+
+Assets: tiny Mllama from stagereason.tiny (conftest `tiny_dir`); adapters made here with PEFT.
+"""
+
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from stagereason.modeling import choose_attention, load_model, non_quantized_modules, resolve_dtype
+
+
+def test_mllama_gets_sdpa_and_says_why(tiny_dir):
+    impl, why = choose_attention(AutoConfig.from_pretrained(tiny_dir))
+    assert impl == "sdpa"
+    assert "mllama does not support flash_attention_2" in why
+
+
+def test_flash_attention_refused_for_mllama(tiny_dir):
+    with pytest.raises(ValueError, match="does not support flash_attention_2"):
+        choose_attention(AutoConfig.from_pretrained(tiny_dir), "flash_attention_2")
+
+
+def test_qwen2_5_vl_would_take_flash_attention_only_with_package_and_gpu():
+    from transformers import Qwen2_5_VLConfig
+
+    impl, why = choose_attention(Qwen2_5_VLConfig())
+    assert impl == "sdpa"
+    assert why in ("flash-attn is not installed", "no CUDA GPU")
+
+
+def test_skip_modules_are_full_paths(tiny_dir):
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    assert non_quantized_modules(cfg) == ["model.vision_model", "model.multi_modal_projector", "lm_head"]
+
+
+def test_dtype_resolution():
+    if not torch.cuda.is_available():
+        assert resolve_dtype("auto") is torch.float32
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("fp16") is torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("fp8x")
+
+
+def test_load_logs_the_choice(tiny_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="stagereason"):
+        model, processor = load_model(tiny_dir)
+    assert model.config._attn_implementation == "sdpa"
+    assert "attention sdpa (mllama does not support flash_attention_2" in caplog.text
+    assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_index
+
+
+def test_4bit_quantizes_only_the_text_decoder(tiny_dir):
+    import bitsandbytes as bnb
+
+    model, _ = load_model(tiny_dir, quantization="4bit")
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    linear = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert four_bit and all(n.startswith("model.language_model.") for n in four_bit)
+    assert "lm_head" in linear and "model.multi_modal_projector" in linear
+    assert all(n.startswith(("model.vision_model", "model.multi_modal_projector", "lm_head")) for n in linear)
+
+
+def test_unknown_quantization_is_an_error(tiny_dir):
+    with pytest.raises(ValueError, match="unknown quantization"):
+        load_model(tiny_dir, quantization="3bit")
+
+
+def _save_adapter(base_dir, out):
+    model = AutoModelForImageTextToText.from_pretrained(base_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q|v)_proj", init_lora_weights=False))
+    peft.save_pretrained(out)
+
+
+def test_adapter_loads_on_its_base(tiny_dir, tmp_path):
+    _save_adapter(tiny_dir, tmp_path / "run")
+    model, _ = load_model(tiny_dir, adapter=tmp_path / "run")
+    assert type(model).__name__ == "PeftModel"
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_adapter_for_another_base_is_a_clear_error(tiny_dir, tmp_path):
+    from stagereason.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "demo", preset="demo")
+    _save_adapter(tmp_path / "demo", tmp_path / "run")
+    with pytest.raises(ValueError, match="does not fit base model"):
+        load_model(tiny_dir, adapter=tmp_path / "run")
+
+
+def test_adapter_dir_without_adapter_config(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_model(tiny_dir, adapter=tmp_path)
