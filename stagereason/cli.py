@@ -27,13 +27,31 @@ def _tiny():
     return tiny
 
 
+def _validate():
+    from stagereason.data_gen import validate
+
+    return validate
+
+
+def _gen():
+    from stagereason.data_gen import runner
+
+    return runner
+
+
 VERBS: dict[str, Verb] = {
     "tiny-model": Verb(
         "Build a random tiny Mllama (real architecture and token layout) offline, for tests and the CPU demo.",
         configs=lambda: (_tiny().TinyModelConfig,), run=lambda: _tiny().run_tiny_model, positionals=("out_dir",),
     ),
-    "gen": Verb("Generate verified four-stage traces from a VQA source or procedural scenes."),
-    "validate": Verb("Check a data.jsonl or gen output dir: images, roles, stage format."),
+    "gen": Verb(
+        "Generate verified four-stage traces from a VQA source through a teacher, or from procedural scenes.",
+        configs=lambda: (_gen().GenConfig,), run=lambda: _gen().run_gen,
+    ),
+    "validate": Verb(
+        "Check a data.jsonl or gen output dir: lines, ids, roles, placeholders, images, stage format.",
+        configs=lambda: (_validate().ValidateConfig,), run=lambda: _validate().run_validate, positionals=("path",),
+    ),
     "train": Verb("Fine-tune a VLM on staged traces with TRL (QLoRA, LoRA or full)."),
     "infer": Verb("Answer a question about an image with stage-level beam search."),
     "eval": Verb("Accuracy, format rate, tokens and latency over a dataset."),

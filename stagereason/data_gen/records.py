@@ -1,0 +1,87 @@
+"""Append-only JSONL files that survive SIGKILL at any instant.
+
+Each record is written as one complete line in one ``write`` and flushed, so
+a kill leaves at most one partial last line; :func:`repair_tail` cuts it off
+at the start of the next run. A malformed line anywhere else is never dropped
+silently: reading it raises an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["JsonlAppender", "iter_jsonl", "repair_tail", "atomic_write_text"]
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a partial last line (no trailing newline) left by a killed writer. Returns bytes removed."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        block, pos = 65536, size
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        f.truncate(keep)
+        return size - keep
+
+
+def iter_jsonl(path: Path, *, strict: bool = True) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield ``(line_number, record, error)`` for each non-empty line.
+
+    With ``strict`` a malformed line raises ``ValueError`` naming file and line;
+    otherwise it is yielded with ``record=None`` and the error.
+    """
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as err:
+                msg = f"{path} line {lineno} is not a valid JSON object ({err})"
+                if strict:
+                    raise ValueError(msg + "; fix or remove that line") from None
+                yield lineno, None, msg
+                continue
+            yield lineno, rec, None
+
+
+class JsonlAppender:
+    """Append whole records as single lines, flushed at once (``fsync`` on close)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = path.open("ab", buffering=0)
+
+    def write(self, record: dict) -> None:
+        self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and one rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

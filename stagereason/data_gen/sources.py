@@ -1,0 +1,247 @@
+"""VQA sources -> ``Example``: LLaVA JSON/JSONL, anything ``datasets`` opens, procedural scenes.
+
+A source never raises on one bad row: the row becomes an ``Example`` with
+``error`` set (a reason naming the row), the runner rejects it, and the run
+goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Example", "Turn", "llava_examples", "hf_examples", "synthetic_examples", "IMAGE_PLACEHOLDER"]
+
+IMAGE_PLACEHOLDER = "<image>"
+_HUMAN, _GPT = ("human", "user"), ("gpt", "assistant")
+
+
+@dataclasses.dataclass
+class Turn:
+    """One question and its standard answer; ``human`` is the source's text as written."""
+
+    question: str
+    answer: str
+    human: str
+
+
+@dataclasses.dataclass
+class Example:
+    """One source row. ``images`` hold paths, PIL images or bytes.
+
+    ``error`` is set when the row cannot be used (missing image, bad JSON,
+    wrong roles, missing answer): the runner rejects it with that reason.
+    """
+
+    id: str
+    images: list[Any]
+    turns: list[Turn]
+    hints: list[str] = dataclasses.field(default_factory=list)
+    choices: dict[str, str] | None = None
+    image_names: list[str] = dataclasses.field(default_factory=list)  # relative names for OUT/images/
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # other source fields, kept in the output
+    trace: str | None = None  # a ready trace (procedural scenes): no teacher needed
+    error: str | None = None
+    single_image_field: bool = True  # the source wrote `image` as one string, not a list
+
+
+def _strip_placeholder(text: str) -> str:
+    return re.sub(r"\s*<image>\s*", "\n", text).strip()
+
+
+def _as_hints(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return [str(v) for v in value if str(v).strip()]
+
+
+def _as_choices(value) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return {chr(ord("A") + i): str(v) for i, v in enumerate(value)} or None
+    raise ValueError(f"choices must be a list or a mapping, got {type(value).__name__}")
+
+
+def _llava_row(row: Any, where: str, image_root: Path, seen: dict[str, int]) -> Example:
+    if not isinstance(row, dict):
+        return Example(id=where, images=[], turns=[], error=f"{where}: row is not a JSON object")
+    rid = str(row.get("id", where))
+    n = seen.get(rid, 0)
+    seen[rid] = n + 1
+    key = rid if n == 0 else f"{rid}#{n}"  # duplicate ids in a source stay distinct records
+    extra = {k: v for k, v in row.items() if k not in ("id", "image", "conversations", "hints")}
+    ex = Example(id=key, images=[], turns=[], hints=_as_hints(row.get("hints")), extra=extra)
+    image = row.get("image")
+    ex.single_image_field = not isinstance(image, list)
+    names = [] if image is None else image if isinstance(image, list) else [image]
+    ex.image_names = [str(x) for x in names]
+    ex.images = [image_root / x for x in ex.image_names]
+    convs = row.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        ex.error = f"row {rid!r} ({where}): no conversations"
+        return ex
+    turns = [t for t in convs if not (isinstance(t, dict) and t.get("from") == "system")]
+    for i, t in enumerate(turns):
+        want = _HUMAN if i % 2 == 0 else _GPT
+        role = t.get("from") if isinstance(t, dict) else None
+        if role not in want:
+            ex.error = f"row {rid!r} ({where}): wrong roles: turn {i + 1} is {role!r}, expected {want[0]!r}"
+            return ex
+    if len(turns) % 2:
+        ex.error = f"row {rid!r} ({where}): wrong roles: ends with a human turn that has no answer"
+        return ex
+    for i in range(0, len(turns), 2):
+        human, answer = turns[i].get("value"), turns[i + 1].get("value")
+        if not isinstance(human, str) or not human.strip():
+            ex.error = f"row {rid!r} ({where}): empty question in turn {i + 1}"
+            return ex
+        if not isinstance(answer, str) or not answer.strip():
+            ex.error = f"row {rid!r} ({where}): missing answer in turn {i + 2}"
+            return ex
+        ex.turns.append(Turn(question=_strip_placeholder(human), answer=answer.strip(), human=human))
+    return ex
+
+
+def llava_examples(path: str | Path, image_root: str | Path | None = None) -> Iterator[Example]:
+    """Read LLaVA-style JSON (a list) or JSONL.
+
+    Rows: ``id``, ``image`` (relative to ``image_root``, or a list of them),
+    ``conversations`` alternating ``human``/``gpt`` (an optional leading
+    ``system`` turn is skipped), optional ``hints``. Every gpt turn is a
+    target. Other fields are kept. A bad JSON line or row yields an Example
+    with ``error`` set.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a ``.json`` file that is not a JSON list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"source file {path} does not exist")
+    root = Path(image_root) if image_root else path.parent
+    seen: dict[str, int] = {}
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        for i, row in enumerate(rows):
+            yield _llava_row(row, f"row {i}", root, seen)
+        return
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield Example(id=f"line-{lineno}", images=[], turns=[],
+                              error=f"line {lineno} of {path.name}: bad JSON ({err.msg} at column {err.colno})")
+                continue
+            yield _llava_row(row, f"line {lineno}", root, seen)
+
+
+def _hf_image(value) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, dict):  # datasets Image feature without decoding
+        return value.get("bytes") or value.get("path")
+    return value
+
+
+def _open_hf(path: str, split: str, name: str | None):
+    import datasets
+
+    p = Path(path)
+    if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(p))
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    return datasets.load_dataset(path, name, split=split)
+
+
+def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_column: str | None = None,
+                image_column: str = "image", question_column: str = "question", answer_column: str = "answer",
+                choices_column: str | None = None, hints_column: str | None = None) -> Iterator[Example]:
+    """Rows of a Hugging Face dataset (hub name, local script/files, or a ``save_to_disk`` folder).
+
+    Raises:
+        ValueError: a named column is not in the dataset.
+    """
+    ds = _open_hf(path, split, name)
+    cols = set(ds.column_names)
+    for label, col in (("question", question_column), ("answer", answer_column), ("image", image_column),
+                       ("choices", choices_column), ("hints", hints_column), ("id", id_column)):
+        if col is not None and col not in cols and not (label == "image" and col == "image"):
+            raise ValueError(f"--{label}_column {col!r} is not a column of {path}; columns: {sorted(cols)}")
+    used = {image_column, question_column, answer_column, choices_column, hints_column, id_column}
+    seen: dict[str, int] = {}
+    for i, row in enumerate(ds):
+        rid = str(row[id_column]) if id_column else f"{i:07d}"
+        n = seen.get(rid, 0)
+        seen[rid] = n + 1
+        key = rid if n == 0 else f"{rid}#{n}"
+        ex = Example(id=key, images=[], turns=[], extra={k: v for k, v in row.items()
+                                                          if k not in used and _jsonable(v)})
+        image = _hf_image(row.get(image_column))
+        ex.images = [] if image is None else [image]
+        ex.image_names = [f"{_safe(key)}.png"] if image is not None else []
+        question, answer = row.get(question_column), row.get(answer_column)
+        try:
+            ex.choices = _as_choices(row.get(choices_column)) if choices_column else None
+        except ValueError as err:
+            ex.error = f"row {key!r}: {err}"
+        ex.hints = _as_hints(row.get(hints_column)) if hints_column else []
+        if not isinstance(question, str) or not question.strip():
+            ex.error = f"row {key!r}: empty question"
+        elif answer is None or not str(answer).strip():
+            ex.error = f"row {key!r}: missing answer"
+        else:
+            human = _with_choices(question.strip(), ex.choices)
+            ex.turns = [Turn(question=human, answer=str(answer).strip(), human=human)]
+        yield ex
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:150]
+
+
+def _with_choices(question: str, choices: dict[str, str] | None) -> str:
+    if not choices:
+        return question
+    return question + "\nOptions:\n" + "\n".join(f"{k}. {v}" for k, v in choices.items())
+
+
+def synthetic_examples(n: int, seed: int = 0, difficulty: int = 1, image_size: int = 128,
+                       families: tuple[str, ...] | None = None) -> Iterator[Example]:
+    """Procedural scenes (see :mod:`stagereason.data_gen.scenes`) as Examples with ready traces."""
+    from stagereason.data_gen.scenes import FAMILIES, make_example
+
+    for i in range(n):
+        s = make_example(seed, i, difficulty=difficulty, image_size=image_size, families=families or FAMILIES)
+        buf = io.BytesIO()
+        s.image.save(buf, format="PNG")
+        yield Example(
+            id=s.id, images=[buf.getvalue()], image_names=[f"{s.id}.png"],
+            turns=[Turn(question=s.question, answer=s.answer, human=s.question)], choices=s.choices,
+            extra={"family": s.family, "difficulty": s.difficulty}, trace=s.trace.render(),
+        )
