@@ -93,6 +93,12 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     teacher: LoopbackTeacher
 
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a client that gave up
+            super().handle_error(request, client_address)
+
 
 class LoopbackTeacher:
     """Start with ``with LoopbackTeacher(...) as t: ... t.url``; see the module docstring.

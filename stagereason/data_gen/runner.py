@@ -311,9 +311,9 @@ async def _process(ex: Example, cfg: GenConfig, teacher, templates, writer: _Wri
                         verdict.ok = True
             except TeacherConfigError:
                 raise
-            except TeacherError as err:
-                reason = f"teacher_error: {err}"
-                continue
+            except TeacherError as err:  # transport retries exhausted: more attempts would only hammer it
+                writer.reject(ex, f"teacher_error: {err}", raw, attempt)
+                return
             if verdict.ok:
                 accepted = verdict.trace.render()
                 break

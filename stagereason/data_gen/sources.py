@@ -79,8 +79,13 @@ def _llava_row(row: Any, where: str, image_root: Path, seen: dict[str, int]) -> 
     n = seen.get(rid, 0)
     seen[rid] = n + 1
     key = rid if n == 0 else f"{rid}#{n}"  # duplicate ids in a source stay distinct records
-    extra = {k: v for k, v in row.items() if k not in ("id", "image", "conversations", "hints")}
+    extra = {k: v for k, v in row.items() if k not in ("id", "image", "conversations", "hints", "choices")}
     ex = Example(id=key, images=[], turns=[], hints=_as_hints(row.get("hints")), extra=extra)
+    try:
+        ex.choices = _as_choices(row.get("choices"))
+    except ValueError as err:
+        ex.error = f"row {rid!r} ({where}): {err}"
+        return ex
     image = row.get("image")
     ex.single_image_field = not isinstance(image, list)
     names = [] if image is None else image if isinstance(image, list) else [image]
@@ -117,7 +122,8 @@ def llava_examples(path: str | Path, image_root: str | Path | None = None) -> It
 
     Rows: ``id``, ``image`` (relative to ``image_root``, or a list of them),
     ``conversations`` alternating ``human``/``gpt`` (an optional leading
-    ``system`` turn is skipped), optional ``hints``. Every gpt turn is a
+    ``system`` turn is skipped), optional ``hints`` and ``choices`` (a list
+    or a letter -> text mapping). Every gpt turn is a
     target. Other fields are kept. A bad JSON line or row yields an Example
     with ``error`` set.
 

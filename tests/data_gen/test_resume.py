@@ -1,0 +1,106 @@
+"""Crash safety: SIGKILL gen subprocesses at random moments, resume, compare with an uninterrupted run.
+
+Assets: LLaVA rows and images from assets.py; procedural scenes; the loopback teacher
+(stagereason.data_gen.loopback) runs in this process, the killed gen runs in real subprocesses.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from stagereason.data_gen.loopback import LoopbackTeacher
+
+from .assets import row, write_llava
+
+GEN = [sys.executable, "-m", "stagereason.cli", "gen", "--no_progress"]
+
+
+def _records(out):
+    lines = (out / "data.jsonl").read_text().splitlines() if (out / "data.jsonl").exists() else []
+    recs = [json.loads(x) for x in lines]  # every line is whole JSON
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)), "duplicate accepted record"
+    return {r["id"]: r for r in recs}
+
+
+def _rejects(out):
+    lines = (out / "rejects.jsonl").read_text().splitlines() if (out / "rejects.jsonl").exists() else []
+    recs = [json.loads(x) for x in lines]
+    assert len(recs) == len({r["id"] for r in recs}), "duplicate reject"
+    return {r["id"]: r["reason"] for r in recs}
+
+
+def _kill_at_random_moments(cmd, rng, kills, lo, hi):
+    for _ in range(kills):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        time.sleep(rng.uniform(lo, hi))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run_with_a_teacher(tmp_path):
+    rng = random.Random(1234)
+    kinds = ["", "", "", " #fault=wrong_answer", " #fault=refusal", " #fault=broken_tags", " #fault=500*1"]
+    rows = [row(f"r{i:03d}", f"Question {i}?{rng.choice(kinds)}", f"{i}", image=f"imgs/{i % 8}.jpg")
+            for i in range(120)]
+    data = write_llava(tmp_path, rows)
+    with LoopbackTeacher(latency=0.04) as teacher:
+        def cmd(out):
+            return GEN + ["--source", "llava", "--data", str(data), "--out", str(out), "--teacher_base_url",
+                          teacher.url, "--teacher_model", "m", "--concurrency", "4", "--backoff", "0.01"]
+
+        subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True)
+        _kill_at_random_moments(cmd(tmp_path / "killed"), rng, kills=5, lo=0.5, hi=2.0)
+        partial = _records(tmp_path / "killed")
+        assert 0 < len(partial) + len(_rejects(tmp_path / "killed")) < 120, "kills should land mid-run"
+        requests_before = teacher.requests
+        done_before = set(partial) | set(_rejects(tmp_path / "killed"))
+        subprocess.run(cmd(tmp_path / "killed"), check=True, capture_output=True)
+        resumed_requests = teacher.requests - requests_before
+    ref, got = _records(tmp_path / "ref"), _records(tmp_path / "killed")
+    assert got == ref
+    assert _rejects(tmp_path / "killed") == _rejects(tmp_path / "ref")
+    for rec in got.values():
+        assert (tmp_path / "killed" / rec["image"]).is_file()
+    # nothing already accepted or rejected was sent again: at most 3 attempts + 1 retry per remaining example
+    assert resumed_requests <= 4 * (120 - len(done_before))
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run_synthetic(tmp_path):
+    rng = random.Random(99)
+    base = GEN + ["--n", "2500", "--seed", "3"]
+    subprocess.run(base + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+    _kill_at_random_moments(base + ["--out", str(tmp_path / "killed")], rng, kills=4, lo=0.6, hi=2.5)
+    assert 0 < len(_records(tmp_path / "killed")) < 2500
+    subprocess.run(base + ["--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    assert _records(tmp_path / "killed") == _records(tmp_path / "ref")
+    done = subprocess.run(base + ["--out", str(tmp_path / "killed")], capture_output=True, text=True)
+    assert done.returncode == 0 and "nothing to do" in done.stderr
+
+
+def test_partial_last_line_is_repaired_and_redone(tmp_path):
+    base = GEN + ["--n", "20", "--out", str(tmp_path / "out")]
+    subprocess.run(base, check=True, capture_output=True)
+    data = tmp_path / "out" / "data.jsonl"
+    full = data.read_text()
+    lines = full.splitlines(keepends=True)
+    data.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # a write cut by a kill
+    res = subprocess.run(base, capture_output=True, text=True)
+    assert res.returncode == 0 and "repaired a partial last line" in res.stderr
+    assert _records(tmp_path / "out") == {json.loads(x)["id"]: json.loads(x) for x in lines}
+
+
+def test_a_corrupt_line_in_the_middle_is_never_dropped_silently(tmp_path):
+    base = GEN + ["--n", "5", "--out", str(tmp_path / "out")]
+    subprocess.run(base, check=True, capture_output=True)
+    data = tmp_path / "out" / "data.jsonl"
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text(lines[0] + "{garbage\n" + "".join(lines[1:]))
+    res = subprocess.run(base + ["--n", "6"], capture_output=True, text=True)
+    assert res.returncode == 1 and "data.jsonl line 2 is not a valid JSON object" in res.stderr
+    assert data.read_text() == lines[0] + "{garbage\n" + "".join(lines[1:])  # untouched
