@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = parse_config(verb.configs(), rest, prog=f"stagereason {name}", description=verb.help,
                                positionals=verb.positionals)
-        verb.run()(*configs)
+        result = verb.run()(*configs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"stagereason {name}: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -182,6 +182,9 @@ def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_
                 choices_column: str | None = None, hints_column: str | None = None) -> Iterator[Example]:
     """Rows of a Hugging Face dataset (hub name, local script/files, or a ``save_to_disk`` folder).
 
+    Choices given as a list become options A, B, C, ...; an integer answer
+    with choices is taken as the index of the right option and becomes its letter.
+
     Raises:
         ValueError: a named column is not in the dataset.
     """
@@ -209,6 +212,8 @@ def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_
         except ValueError as err:
             ex.error = f"row {key!r}: {err}"
         ex.hints = _as_hints(row.get(hints_column)) if hints_column else []
+        if ex.choices and isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(ex.choices):
+            answer = list(ex.choices)[answer]  # an index into the options (ScienceQA-style) becomes its letter
         if not isinstance(question, str) or not question.strip():
             ex.error = f"row {key!r}: empty question"
         elif answer is None or not str(answer).strip():

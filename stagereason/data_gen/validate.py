@@ -168,8 +168,8 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
     return report
 
 
-def run_validate(cfg: ValidateConfig) -> ValidationReport:
-    """Print a summary by problem with row ids; exit status 1 when any row is bad."""
+def run_validate(cfg: ValidateConfig) -> int:
+    """Print a summary by problem with row ids; return exit status 1 when any row is bad."""
     from stagereason.console import report as show
 
     rep = check_dataset(cfg.path, cfg.image_root, cfg.check_images)
@@ -184,6 +184,4 @@ def run_validate(cfg: ValidateConfig) -> ValidationReport:
     if not rep.ok and not cfg.json:
         for row, msgs in list(rep.problems.items())[: cfg.show]:
             print(f"  {row}: {msgs[0]}")
-    if not rep.ok:
-        raise SystemExit(1)
-    return rep
+    return 0 if rep.ok else 1

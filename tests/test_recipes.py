@@ -1,0 +1,34 @@
+"""Every shipped recipe YAML opens with its exact command and parses against its verb (nothing is run).
+
+Assets: the YAML files in data_gen/, train/ and infer/.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from stagereason.cli import VERBS
+from stagereason.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for d in ("data_gen", "train", "infer") for p in (ROOT / d).rglob("*.yaml")
+                 if "accelerate" not in p.parts)
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 3
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_opens_with_its_command_and_parses(path, monkeypatch):
+    text = path.read_text()
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    rel = path.relative_to(ROOT).as_posix()
+    m = re.search(rf"stagereason (\S+) --config {re.escape(rel)}", header)
+    assert m, f"{rel} must open with the command that runs it"
+    assert header.count("stagereason ") >= 2, f"{rel} needs an override example"
+    verb = VERBS[m.group(1)]
+    monkeypatch.chdir(ROOT)
+    configs = parse_config(verb.configs(), ["--config", rel], prog=f"stagereason {m.group(1)}")
+    assert configs
