@@ -21,13 +21,14 @@ Run it alone: ``python -m stagereason.data_gen.loopback --port 8000 --latency 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from stagereason.stages import StagedTrace, answers_match
 
@@ -52,56 +53,27 @@ def _prompt_text(body: dict) -> str:
     return "\n".join(parts)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, code: int, payload: bytes, headers: dict | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_GET(self):  # noqa: N802 - http.server naming
-        if self.path.rstrip("/").endswith("/models"):
-            self._send(200, json.dumps({"object": "list", "data": [{"id": "loopback", "object": "model"}]}).encode())
-        else:
-            self._send(404, b'{"error": {"message": "not found"}}')
-
-    def do_POST(self):  # noqa: N802
-        length = int(self.headers.get("Content-Length", 0))
-        raw = self.rfile.read(length)
-        if not self.path.rstrip("/").endswith("/chat/completions"):
-            self._send(404, b'{"error": {"message": "not found"}}')
-            return
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError:
-            self._send(400, b'{"error": {"message": "request body is not JSON"}}')
-            return
-        self.server.teacher._handle(self, body)
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
+            500: "Internal Server Error"}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
-    teacher: LoopbackTeacher
+class _Request:
+    """One parsed HTTP/1.1 request and a way to answer it."""
 
-    def handle_error(self, request, client_address):
-        import sys
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
 
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a client that gave up
-            super().handle_error(request, client_address)
+    def send(self, code: int, payload: bytes, headers: dict | None = None) -> None:
+        head = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}", "Content-Type: application/json",
+                f"Content-Length: {len(payload)}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
 
 
 class LoopbackTeacher:
     """Start with ``with LoopbackTeacher(...) as t: ... t.url``; see the module docstring.
+
+    An asyncio server on its own thread: one event loop, like the servers it
+    stands in for, so a benchmark measures the client rather than this server.
 
     Args:
         latency: seconds each answer takes.
@@ -124,30 +96,84 @@ class LoopbackTeacher:
         self._directive_hits: Counter = Counter()
         self.served: Counter = Counter()  # by outcome kind ("ok", "judge", or a fault kind)
         self.requests = 0
-        self._server = _Server((host, port), _Handler)
-        self._server.teacher = self
+        self._sock = socket.create_server((host, port), backlog=512)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
+        host, port = self._sock.getsockname()[:2]
         return f"http://{host}:{port}/v1"
 
     def start(self) -> LoopbackTeacher:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        ready = threading.Event()
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._serve(ready))
+
+        self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
+        ready.wait()
         return self
 
+    def serve_forever(self) -> None:
+        """Serve on the calling thread until interrupted."""
+        asyncio.run(self._serve(threading.Event()))
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._connection, sock=self._sock)
+        ready.set()
+        await self._stop.wait()
+        server.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in others:  # open keep-alive connections and sleeping answers
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=5)
+        self._sock.close()
 
     def __enter__(self) -> LoopbackTeacher:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                method, path = (line.decode("latin-1").split() + ["", ""])[:2]
+                headers = {}
+                while (h := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    k, _, v = h.decode("latin-1").partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                raw = await reader.readexactly(int(headers.get("content-length", 0) or 0))
+                req = _Request(writer)
+                if method == "GET" and path.rstrip("/").endswith("/models"):
+                    req.send(200, json.dumps({"object": "list", "data": [{"id": "loopback"}]}).encode())
+                elif method != "POST" or not path.rstrip("/").endswith("/chat/completions"):
+                    req.send(404, b'{"error": {"message": "not found"}}')
+                else:
+                    try:
+                        body = json.loads(raw)
+                    except json.JSONDecodeError:
+                        req.send(400, b'{"error": {"message": "request body is not JSON"}}')
+                    else:
+                        if await self._handle(req, body) == "disconnect":
+                            break
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
 
     def _pick_fault(self, text: str) -> str | None:
         m = _DIRECTIVE.search(text)
@@ -168,29 +194,27 @@ class LoopbackTeacher:
                     return kind
         return None
 
-    def _handle(self, h: _Handler, body: dict) -> None:
+    async def _handle(self, req: _Request, body: dict) -> str | None:
         text = _prompt_text(body)
         if self.latency:
-            time.sleep(self.latency)
+            await asyncio.sleep(self.latency)
         judge = _CANDIDATE.search(text)
         fault = None if judge else self._pick_fault(text)
         with self._lock:
             self.served["judge" if judge else fault or "ok"] += 1
         if fault == "500":
-            return h._send(500, b'{"error": {"message": "injected server error"}}')
+            return req.send(500, b'{"error": {"message": "injected server error"}}')
         if fault == "429":
-            return h._send(429, b'{"error": {"message": "injected rate limit"}}',
-                           {"Retry-After": f"{self.retry_after:g}"})
+            return req.send(429, b'{"error": {"message": "injected rate limit"}}',
+                            {"Retry-After": f"{self.retry_after:g}"})
         if fault == "auth":
-            return h._send(401, b'{"error": {"message": "invalid api key"}}')
+            return req.send(401, b'{"error": {"message": "invalid api key"}}')
         if fault == "malformed":
-            return h._send(200, b'{"id": "x", "choices": [ {"message": ')
+            return req.send(200, b'{"id": "x", "choices": [ {"message": ')
         if fault == "disconnect":
-            h.close_connection = True
-            h.connection.shutdown(2)
-            return None
+            return "disconnect"
         if fault == "slow":
-            time.sleep(self.slow_seconds)
+            await asyncio.sleep(self.slow_seconds)
         if judge:
             forced = re.search(r"#judge=(yes|no)", text)
             answer = _ANSWER.search(text)
@@ -206,7 +230,7 @@ class LoopbackTeacher:
             "usage": {"prompt_tokens": len(text) // 4, "completion_tokens": len(content) // 4,
                       "total_tokens": (len(text) + len(content)) // 4},
         }
-        h._send(200, json.dumps(payload).encode())
+        req.send(200, json.dumps(payload).encode())
         return None
 
     @staticmethod
@@ -242,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher = LoopbackTeacher(latency=args.latency, faults=faults, seed=args.seed, port=args.port)
     print(teacher.url, flush=True)
     try:
-        teacher._server.serve_forever(poll_interval=0.05)
+        teacher.serve_forever()
     except KeyboardInterrupt:
         pass
 

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import email.utils
 import itertools
+import json
 import logging
 import os
 import random
@@ -42,11 +43,7 @@ class TeacherUsage:
         self.faults[kind] = self.faults.get(kind, 0) + 1
 
 
-def _retry_after(err) -> float | None:
-    response = getattr(err, "response", None)
-    if response is None:
-        return None
-    headers = response.headers
+def _retry_after(headers) -> float | None:
     if headers.get("retry-after-ms"):
         try:
             return float(headers["retry-after-ms"]) / 1000
@@ -58,12 +55,26 @@ def _retry_after(err) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, parsed.timestamp() - time.time())
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        err = json.loads(body).get("error")
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    except (ValueError, AttributeError):
+        return body[:300].decode("utf-8", "replace")
 
 
 class Teacher:
     """Chat completions with retries over one or several OpenAI-compatible servers.
+
+    Plain HTTP through aiohttp: the OpenAI SDK's request validation costs
+    several milliseconds per request with an image attached (bench/datagen.py).
 
     Args:
         base_urls: one or more ``http(s)://host:port/v1`` endpoints, used round-robin.
@@ -80,20 +91,27 @@ class Teacher:
     def __init__(self, base_urls: list[str], model: str, *, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 8, backoff: float = 0.5, max_backoff: float = 30.0,
                  temperature: float = 0.7, max_tokens: int = 2048):
-        import openai
-
         if not base_urls:
             raise ValueError("--teacher_base_url is required for a teacher (one or more URLs)")
         self.model, self.timeout = model, timeout
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.temperature, self.max_tokens = temperature, max_tokens
-        key = os.environ.get(api_key_env) or "EMPTY"
-        # openai's default pool allows 1000 connections, enough for any sane --concurrency.
-        self._clients = [openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=0, timeout=timeout)
-                         for u in base_urls]
-        self._urls = list(base_urls)
-        self._next = itertools.cycle(range(len(self._clients)))
+        self._key = os.environ.get(api_key_env) or "EMPTY"
+        self._urls = [u.rstrip("/") + "/chat/completions" for u in base_urls]
+        self._next = itertools.cycle(range(len(self._urls)))
+        self._session = None
         self.usage = TeacherUsage()
+
+    def _get_session(self):
+        import aiohttp
+
+        if self._session is None:  # created inside the running event loop
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"Authorization": f"Bearer {self._key}"},
+            )
+        return self._session
 
     async def chat(self, messages: list[dict], *, max_tokens: int | None = None,
                    temperature: float | None = None) -> str:
@@ -103,44 +121,47 @@ class Teacher:
             TeacherConfigError: 401/403/404 from the endpoint.
             TeacherError: a non-retryable 4xx, or retries exhausted.
         """
-        import openai
+        import aiohttp
 
-        last = "no attempt"
+        payload = json.dumps({
+            "model": self.model, "messages": messages, "max_tokens": max_tokens or self.max_tokens,
+            "temperature": self.temperature if temperature is None else temperature,
+        }).encode()
+        session, last = self._get_session(), "no attempt"
         for retry in range(self.max_retries + 1):
-            idx = next(self._next)
-            client, url = self._clients[idx], self._urls[idx]
+            url = self._urls[next(self._next)]
             wait = None
+            self.usage.requests += 1
             try:
-                self.usage.requests += 1
-                resp = await client.chat.completions.create(
-                    model=self.model, messages=messages,
-                    max_tokens=max_tokens or self.max_tokens,
-                    temperature=self.temperature if temperature is None else temperature,
-                )
-                if not getattr(resp, "choices", None):
-                    raise ValueError("response has no choices")
-                if resp.usage is not None:
-                    self.usage.prompt_tokens += resp.usage.prompt_tokens or 0
-                    self.usage.completion_tokens += resp.usage.completion_tokens or 0
-                return resp.choices[0].message.content or ""
-            except openai.APIStatusError as err:
-                code = err.status_code
-                if code in (401, 403, 404):
-                    raise TeacherConfigError(
-                        f"teacher at {url} answered {code} ({err.message}); check --teacher_model, "
-                        "--teacher_base_url and the API key variable") from err
-                if code != 429 and code < 500 and code not in (408, 409):
-                    raise TeacherError(f"teacher answered {code}: {err.message}") from err
-                kind, wait = f"http_{code}", _retry_after(err)
-            except openai.APITimeoutError:
+                async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as resp:
+                    status, headers, body = resp.status, resp.headers, await resp.read()
+            except asyncio.TimeoutError:
                 kind = "timeout"
-            except openai.APIConnectionError:
-                kind = "connection"
-            except (openai.APIResponseValidationError, ValueError, TypeError, KeyError, AttributeError) as err:
-                kind = "malformed_response"
-                last = f"malformed response: {err}"
+            except aiohttp.ClientError as err:
+                kind, last = "connection", f"connection: {type(err).__name__}"
+            else:
+                if status == 200:
+                    try:
+                        data = json.loads(body)
+                        text = data["choices"][0]["message"]["content"] or ""
+                    except (ValueError, KeyError, IndexError, TypeError) as err:
+                        kind, last = "malformed_response", f"malformed response ({type(err).__name__}: {err})"
+                    else:
+                        usage = data.get("usage") or {}
+                        self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+                        self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
+                        return text
+                elif status in (401, 403, 404):
+                    raise TeacherConfigError(
+                        f"teacher at {url} answered {status} ({_error_message(body)}); check --teacher_model, "
+                        "--teacher_base_url and the API key variable")
+                elif status == 429 or status >= 500 or status in (408, 409):
+                    kind, wait = f"http_{status}", _retry_after(headers)
+                else:
+                    raise TeacherError(f"teacher answered {status}: {_error_message(body)}")
             self.usage.count_fault(kind)
-            last = last if kind == "malformed_response" else kind
+            if kind not in ("malformed_response", "connection"):
+                last = kind
             if retry == self.max_retries:
                 break
             self.usage.retries += 1
@@ -152,5 +173,6 @@ class Teacher:
         raise TeacherError(f"gave up after {self.max_retries} retries; last error: {last}")
 
     async def aclose(self) -> None:
-        for c in self._clients:
-            await c.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

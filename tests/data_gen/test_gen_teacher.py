@@ -75,9 +75,9 @@ def test_prompt_carries_hints_choices_and_language(tmp_path):
     seen = []
 
     class Recording(LoopbackTeacher):
-        def _handle(self, h, body):
+        async def _handle(self, req, body):
             seen.append(body)
-            super()._handle(h, body)
+            return await super()._handle(req, body)
 
     data = write_llava(tmp_path, [row("q", "Which? <image>", "B", hints=["Hint one: F = ma.", "Hint two."],
                                       choices={"A": "3 N", "B": "5 N"})])
@@ -138,8 +138,14 @@ def test_retry_after_is_honoured():
 def test_config_errors_are_not_retried():
     with LoopbackTeacher() as srv:
         teacher = Teacher([srv.url], "m", backoff=0.001)
+        async def go():
+            try:
+                await teacher.chat([{"role": "user", "content": "Question:\nQ #fault=auth\n"}])
+            finally:
+                await teacher.aclose()
+
         with pytest.raises(TeacherConfigError, match="401"):
-            asyncio.run(teacher.chat([{"role": "user", "content": "Question:\nQ #fault=auth\n"}]))
+            asyncio.run(go())
         assert srv.requests == 1
 
 
