@@ -33,6 +33,12 @@ def _validate():
     return validate
 
 
+def _train():
+    from stagereason.train import runner
+
+    return runner
+
+
 def _gen():
     from stagereason.data_gen import runner
 
@@ -52,7 +58,10 @@ VERBS: dict[str, Verb] = {
         "Check a data.jsonl or gen output dir: lines, ids, roles, placeholders, images, stage format.",
         configs=lambda: (_validate().ValidateConfig,), run=lambda: _validate().run_validate, positionals=("path",),
     ),
-    "train": Verb("Fine-tune a VLM on staged traces with TRL (QLoRA, LoRA or full)."),
+    "train": Verb(
+        "Fine-tune a VLM on staged traces with TRL's SFTTrainer: QLoRA (default), LoRA or full fine-tuning.",
+        configs=lambda: (_train().TrainConfig,), run=lambda: _train().run_train,
+    ),
     "infer": Verb("Answer a question about an image with stage-level beam search."),
     "eval": Verb("Accuracy, format rate, tokens and latency over a dataset."),
     "export": Verb("Merge an adapter into full-precision weights and verify them."),

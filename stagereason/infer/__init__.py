@@ -1,0 +1,1 @@
+"""Inference: generation primitives, search strategies, judges, the Reasoner API and evaluation."""

@@ -1,0 +1,242 @@
+"""Training data: LLaVA-CoT records -> TRL vision rows (``messages`` + ``images``), images opened lazily.
+
+Accepts a gen output dir, a ``data.jsonl`` / ``.json`` file (the published
+LLaVA-CoT-100k ``train.jsonl`` loads as is, given its image root), or a HF
+dataset (``save_to_disk`` folder or hub name) in the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from stagereason.data_gen.records import iter_jsonl
+from stagereason.data_gen.sources import IMAGE_PLACEHOLDER
+from stagereason.data_gen.validate import ValidationReport, check_dataset, check_row, resolve_data_file
+
+__all__ = ["ImageSource", "Row", "load_rows", "open_image", "split_rows", "to_dataset", "to_messages"]
+
+
+@dataclasses.dataclass
+class Row:
+    """One training row: chat messages with image placeholders, and where its images come from."""
+
+    id: str
+    messages: list[dict]
+    images: list[Any]  # paths (opened at collate time) or already-decoded images from a HF dataset
+    answer: str | None  # the standard answer of the last turn, for stage-aware evaluation
+    question: str = ""
+    family: str | None = None
+    n_tokens: int = 0
+
+
+def _user_content(text: str, n_images: int, first: bool) -> list[dict]:
+    """Images go where the ``<image>`` placeholders are; without any, before the first turn's text."""
+    if IMAGE_PLACEHOLDER in text:
+        parts = text.split(IMAGE_PLACEHOLDER)
+        content: list[dict] = []
+        for i, part in enumerate(parts):
+            if i:
+                content.append({"type": "image"})
+            if part.strip():
+                content.append({"type": "text", "text": part.strip()})
+        return content
+    images = [{"type": "image"} for _ in range(n_images)] if first else []
+    return images + [{"type": "text", "text": text.strip()}]
+
+
+def to_messages(rec: dict, n_images: int) -> list[dict]:
+    """LLaVA ``conversations`` -> chat ``messages`` (multi-turn kept; a leading system turn kept)."""
+    messages, first = [], True
+    for turn in rec["conversations"]:
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "system": "system"}[turn["from"]]
+        if role == "user":
+            messages.append({"role": "user", "content": _user_content(turn["value"], n_images, first)})
+            first = False
+        else:
+            messages.append({"role": role, "content": [{"type": "text", "text": turn["value"].strip()}]})
+    return messages
+
+
+def _answer(rec: dict) -> str | None:
+    if isinstance(rec.get("answer"), str):
+        return rec["answer"]
+    if isinstance(rec.get("answers"), list) and rec["answers"]:
+        return str(rec["answers"][-1])
+    from stagereason.stages import TraceFormatError, parse_trace
+
+    try:
+        return parse_trace(rec["conversations"][-1]["value"]).conclusion
+    except (TraceFormatError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _row(rec: dict, rid: str, root: Path | None) -> Row:
+    image = rec.get("image")
+    images = [] if image is None else image if isinstance(image, list) else [image]
+    if root is not None:
+        images = [str(root / p) if isinstance(p, str) and not p.startswith("hf:") else p for p in images]
+    question = next((re.sub(r"\s*<image>\s*", " ", t["value"]).strip() for t in reversed(rec["conversations"])
+                     if t.get("from") in ("human", "user")), "")
+    return Row(id=rid, messages=to_messages(rec, len(images)), images=images, answer=_answer(rec),
+               question=question, family=rec.get("family"))
+
+
+def _hf_records(name: str):
+    import datasets
+
+    p = Path(name)
+    if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "state.json").is_file()
+                       or (p / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(p))
+    else:
+        ds = datasets.load_dataset(name)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    return ds
+
+
+class ImageSource:
+    """Resolves a row's image reference: a file path, or ``hf:ROW:K`` into a HF dataset (decoded on demand)."""
+
+    def __init__(self, hf_dataset=None):
+        self.hf_dataset = hf_dataset
+
+    def __call__(self, ref):
+        if isinstance(ref, str) and ref.startswith("hf:") and self.hf_dataset is not None:
+            _, row, k = ref.split(":")
+            image = self.hf_dataset[int(row)]["image"]
+            return image[int(k)] if isinstance(image, list) else image
+        return ref
+
+
+def _hf_meta(ds):
+    """Rows of a HF dataset without decoding its images; Image-feature cells become ``hf:ROW:K`` references."""
+    import datasets
+
+    feature = ds.features.get("image")
+    inner = getattr(feature, "feature", None)
+    if not (isinstance(feature, datasets.Image) or isinstance(inner, datasets.Image)):
+        yield from enumerate(ds)
+        return
+    column = ds.data.column("image").to_pylist() if not isinstance(feature, datasets.Image) else None
+    nulls = ds.data.column("image").is_null().to_pylist() if column is None else None
+    for i, rec in enumerate(ds.remove_columns(["image"])):
+        if column is None:
+            rec["image"] = None if nulls[i] else f"hf:{i}:0"
+        else:
+            rec["image"] = [f"hf:{i}:{k}" for k in range(len(column[i] or []))]
+        yield i, rec
+
+
+def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool = False,
+              check_images: bool = True) -> tuple[list[Row], ValidationReport, ImageSource]:
+    """Load and validate a dataset; fail fast on bad rows unless ``skip_invalid``.
+
+    Returns:
+        ``(rows, report, images)``; with ``skip_invalid`` the bad rows are left
+        out and listed in ``report``; ``images`` resolves the rows' image references.
+
+    Raises:
+        ValueError: invalid rows (named in the message) and ``skip_invalid`` is off.
+        FileNotFoundError: no dataset at ``dataset``.
+    """
+    path = Path(dataset)
+    source = ImageSource()
+    if path.is_file() or (path.is_dir() and (path / "data.jsonl").is_file()):
+        data = resolve_data_file(path)
+        root = Path(image_root) if image_root else data.parent
+        report = check_dataset(data, root, check_images=check_images)
+        if data.suffix == ".json":
+            raw = json.loads(data.read_text(encoding="utf-8"))
+            records = [(str(r.get("id", f"line {i}")), r) for i, r in enumerate(raw) if isinstance(r, dict)]
+        else:
+            records = [(str(r.get("id", f"line {n}")), r) for n, r, _ in iter_jsonl(data, strict=False) if r]
+    else:
+        ds = _hf_records(dataset)
+        source = ImageSource(ds)
+        root = Path(image_root) if image_root else None
+        report = ValidationReport(path=str(dataset))
+        records = []
+        for i, rec in _hf_meta(ds):
+            rid = str(rec.get("id", i))
+            report.rows += 1
+            paths = check_row(rec, rid, root or Path("."), report)
+            if check_images and root is not None:
+                for p in paths:
+                    if not str(p.name).startswith("hf:") and not p.is_file():
+                        report.add(rid, "image", f"missing image {p}")
+            records.append((rid, rec))
+    bad = set(report.problems)
+    if bad and not skip_invalid:
+        shown = "; ".join(f"{row}: {msgs[0]}" for row, msgs in list(report.problems.items())[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(f"{len(bad)} invalid row(s) in {report.path}: {shown}{more}. "
+                         "Fix them (stagereason validate lists all) or pass --skip_invalid to drop them")
+    seen: set[str] = set()
+    rows = []
+    for rid, rec in records:
+        if rid in bad or rid in seen:
+            continue
+        seen.add(rid)
+        rows.append(_row(rec, rid, root))
+    return rows, report, source
+
+
+def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image_root: str | None = None):
+    """``eval_split`` is a fraction (``0.05``), a row count (``200``), a dataset path, or empty for none."""
+    if eval_split in (None, "", "0", 0, "none"):
+        return rows, []
+    try:
+        frac = float(eval_split)
+    except (TypeError, ValueError):
+        eval_rows, _, _ = load_rows(str(eval_split), image_root)
+        return rows, eval_rows
+    n = int(round(frac * len(rows))) if frac < 1 else int(frac)
+    if not 0 < n < len(rows):
+        raise ValueError(f"--eval_split {eval_split} leaves no training or no eval rows out of {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def open_image(src, max_side: int | None):
+    """Open one image (path, bytes or PIL), convert to RGB and cap its longest side."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(src, Image.Image):
+        im = src
+    elif isinstance(src, (bytes, bytearray)):
+        im = Image.open(io.BytesIO(src))
+    elif isinstance(src, dict):  # HF Image feature without decoding
+        im = Image.open(io.BytesIO(src["bytes"])) if src.get("bytes") else Image.open(src["path"])
+    else:
+        im = Image.open(src)
+    if max_side and max(im.size) > max_side:
+        if im.format == "JPEG":
+            im.draft("RGB", (max_side, max_side))  # decode big JPEGs at reduced scale
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side))
+    return im.convert("RGB")
+
+
+def to_dataset(rows: list[Row]):
+    """Rows as TRL expects them: a ``datasets.Dataset`` of ``messages`` and ``images``.
+
+    Images stay references (file paths, or ``hf:ROW:K`` into a HF dataset)
+    until collate time, so a 100k-image dataset never sits in memory.
+    """
+    import datasets
+
+    return datasets.Dataset.from_dict({
+        "messages": [r.messages for r in rows],
+        "images": [[str(s) for s in r.images] for r in rows],
+    })

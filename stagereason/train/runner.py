@@ -1,0 +1,392 @@
+"""``stagereason train``: TRL SFT of a VLM on staged traces — QLoRA (default), LoRA or full fine-tuning.
+
+setup (validate data, lengths, model, trainer) -> run (``trainer.train``,
+resumable) -> save (weights, processor, resolved config, run info,
+``train_summary.json``, ``loss.png``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from stagereason.stages import TraceFormatError, answers_match, parse_trace
+from stagereason.train.data import Row, load_rows, open_image, split_rows, to_dataset
+
+__all__ = ["TrainConfig", "TrainSetup", "build_trainer", "run_train", "StageSFTTrainer"]
+
+logger = logging.getLogger(__name__)
+TEXT_DECODER_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+VISION_TARGETS = r".*vision_model.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
+
+
+def _f(default, help):  # noqa: A002 - argparse's word
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig(SFTConfig):
+    """Options of ``stagereason train``: ours below, plus every field of TRL's ``SFTConfig``."""
+
+    model_name_or_path: str = _f("runs/tiny", "Base model: a hub name or local directory.")
+    dataset: str = _f("runs/synthetic", "A gen output dir, a data.jsonl/.json, or a HF dataset in the LLaVA-CoT "
+                                        "layout.")
+    image_root: str | None = _f(None, "Folder the rows' image paths are relative to (default: the data file's).")
+    eval_split: str = _f("0.05", "Held-out rows: a fraction, a count, a dataset path, or 'none'.")
+    peft: Literal["qlora", "lora", "none"] = _f("qlora", "qlora: 4-bit base + LoRA; lora: full-precision base + "
+                                                         "LoRA; none: full fine-tuning.")
+    lora_r: int = _f(16, "LoRA rank: higher = more capacity and memory.")
+    lora_alpha: int = _f(32, "LoRA scaling numerator (effective scale alpha/r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA path.")
+    lora_target_modules: str = _f(TEXT_DECODER_TARGETS, "Regex of modules to adapt; the default is the text "
+                                                        "decoder's projections, cross-attention included.")
+    vision_lora: bool = _f(False, "Also adapt the vision tower's attention and MLP.")
+    attn_implementation: str = _f("auto", "auto (FlashAttention-2 where supported, else SDPA), sdpa, eager, ...")
+    max_image_tiles: int | None = _f(None, "Cap on image tiles per image (Mllama); fewer tiles = less memory.")
+    max_image_side: int | None = _f(None, "Cap on an image's longest side before processing (default: tile size "
+                                          "x max tiles).")
+    chat_template_path: str | None = _f(None, "Training chat template with generation markers (default: "
+                                              "built in for Llama-3.2-Vision, TRL's for other models).")
+    skip_invalid: bool = _f(False, "Drop and count invalid rows instead of stopping before training.")
+    overwrite_output_dir: bool = _f(False, "Replace a non-empty output_dir.")
+    dry_run: bool = _f(False, "Print the resolved config, dataset summary and estimated steps, then exit.")
+    stage_eval_samples: int = _f(32, "Held-out examples generated at each evaluation for format rate and accuracy.")
+    stage_eval_max_new_tokens: int = _f(384, "Token cap of those generations.")
+    json: bool = _f(False, "Print the final summary as one JSON object.")
+    # SFTConfig fields with our defaults
+    output_dir: str | None = _f("runs/train", "Where the run writes everything.")
+    max_length: int | None = _f(2048, "Rows longer than this (in tokens) are dropped and counted, never truncated.")
+    assistant_only_loss: bool = _f(True, "Loss only on assistant text and its end-of-turn token.")
+    gradient_checkpointing_kwargs: dict | str | None = _f('{"use_reentrant": false}',
+                                                         "Non-reentrant checkpointing by default.")
+    remove_unused_columns: bool = _f(False, "Keep the messages/images columns for the collator.")
+    learning_rate: float = _f(2e-4, "2e-4 suits LoRA; full fine-tuning of the 11B model wants about 1e-5.")
+    num_train_epochs: float = _f(1.0, "Passes over the data.")
+    per_device_train_batch_size: int = _f(2, "Rows per device per step.")
+    logging_steps: float = _f(10, "Log every N steps.")
+    save_steps: float = _f(200, "Checkpoint every N steps (resume with --resume_from_checkpoint auto).")
+    save_total_limit: int | None = _f(2, "Checkpoints kept.")
+
+    def __post_init__(self):
+        if isinstance(self.gradient_checkpointing_kwargs, str):
+            self.gradient_checkpointing_kwargs = json.loads(self.gradient_checkpointing_kwargs)
+        if not torch.cuda.is_available():
+            self.bf16, self.fp16 = False, False  # fp32 on the CPU
+        super().__post_init__()
+
+
+class StageSFTTrainer(SFTTrainer):
+    """SFTTrainer whose evaluation also generates on held-out rows: format rate and conclusion accuracy."""
+
+    def __init__(self, *args, stage_rows: list[Row] | None = None, stage_max_new_tokens: int = 384,
+                 max_image_side: int | None = None, image_source=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage_rows, self.stage_max_new_tokens = stage_rows or [], stage_max_new_tokens
+        self.max_image_side = max_image_side
+        self.image_source = image_source or (lambda ref: ref)
+        self.stage_samples: list[dict] = []
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.stage_rows and self.is_world_process_zero():
+            stage = {f"{metric_key_prefix}_{k}": v for k, v in self.stage_eval().items()}
+            self.log(stage)
+            metrics.update(stage)
+        return metrics
+
+    def stage_eval(self) -> dict[str, float]:
+        """Generate on the held-out rows; strict stage format and ``answers_match`` against their answers."""
+        from stagereason.infer.generate import generate_greedy
+
+        items = [([open_image(self.image_source(s), self.max_image_side) for s in r.images], r.question)
+                 for r in self.stage_rows]
+        texts = generate_greedy(self.model, self.processing_class, items,
+                                max_new_tokens=self.stage_max_new_tokens, batch_size=16)
+        fmt = right = 0
+        self.stage_samples = []
+        for row, text in zip(self.stage_rows, texts, strict=True):
+            try:
+                conclusion, ok = parse_trace(text).conclusion, True
+            except TraceFormatError:
+                try:
+                    conclusion, ok = parse_trace(text, strict=False).conclusion, False
+                except TraceFormatError:
+                    conclusion, ok = "", False
+            good = bool(row.answer) and answers_match(conclusion, row.answer)
+            fmt, right = fmt + ok, right + good
+            self.stage_samples.append({"id": row.id, "question": row.question, "answer": row.answer,
+                                       "output": text, "format_ok": ok, "correct": good})
+        n = max(len(texts), 1)
+        return {"format_rate": fmt / n, "accuracy": right / n}
+
+
+def _prepare_output_dir(cfg: TrainConfig) -> str | None:
+    """Refuse a non-empty output dir unless resuming or overwriting; return the checkpoint to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(cfg.output_dir)
+    resume = cfg.resume_from_checkpoint
+    if resume == "auto":
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if resume is None:
+            logger.info("no checkpoint in %s: starting from scratch", out)
+    elif resume and not Path(resume).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist")
+    if out.is_dir() and any(out.iterdir()) and resume is None and not cfg.dry_run:
+        if not cfg.overwrite_output_dir:
+            raise FileExistsError(f"output_dir {out} is not empty; pass --resume_from_checkpoint auto to resume, "
+                                  "--overwrite_output_dir to replace it, or choose another --output_dir")
+        logger.warning("removing the previous contents of %s (--overwrite_output_dir)", out)
+        shutil.rmtree(out)
+    return resume
+
+
+def _token_lengths(rows: list[Row], processor, template: str) -> None:
+    tok = processor.tokenizer
+    texts = [processor.apply_chat_template(r.messages, tokenize=False, chat_template=template) for r in rows]
+    for r, ids in zip(rows, tok(texts, add_special_tokens=False)["input_ids"], strict=True):
+        r.n_tokens = len(ids)
+
+
+def _dataset_summary(rows: list[Row], kept: list[Row], eval_rows: list[Row], report, cfg: TrainConfig) -> dict:
+    lens = np.array([r.n_tokens for r in rows]) if rows else np.array([0])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    steps = cfg.max_steps if cfg.max_steps > 0 else int(np.ceil(len(kept) / per_step) * cfg.num_train_epochs)
+    return {
+        "rows": report.rows, "invalid_dropped": len(report.problems), "train_rows": len(kept),
+        "eval_rows": len(eval_rows), "too_long_dropped": len(rows) - len(kept),
+        "images": sum(len(r.images) for r in rows),
+        "tokens_p50": int(np.percentile(lens, 50)), "tokens_p95": int(np.percentile(lens, 95)),
+        "tokens_max": int(lens.max()), "max_length": cfg.max_length, "estimated_steps": steps,
+    }
+
+
+def _peft_config(cfg: TrainConfig):
+    if cfg.peft == "none":
+        return None
+    from peft import LoraConfig
+
+    target = cfg.lora_target_modules + (f"|{VISION_TARGETS}" if cfg.vision_lora else "")
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=target, task_type="CAUSAL_LM")
+
+
+def _versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+    import trl
+
+    import stagereason
+
+    info = {"stagereason": stagereason.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "python": sys.version.split()[0]}
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB
+
+
+def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, summary_data: dict,
+          runtime: float) -> dict:
+    from stagereason.config import dump_config
+    from stagereason.data_gen.records import atomic_write_text
+
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(out))
+    processor.save_pretrained(str(out))
+    dump_config((cfg,), out / "train_config.yaml")
+    history = trainer.state.log_history
+    # the last logged loss, else the run's mean (a run shorter than logging_steps logs no step loss)
+    losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
+    stage = [h for h in history if "eval_format_rate" in h]
+    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    samples = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps \
+        * trainer.args.world_size
+    summary = {
+        "steps": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
+        "train_runtime_s": round(runtime, 2), "samples_per_s": round(samples / max(runtime, 1e-9), 3),
+        "tokens_per_s": round(tokens / max(runtime, 1e-9), 1) if tokens else None,
+        "peak_memory_gb": _peak_memory_gb(),
+        "peak_memory_kind": "cuda max reserved" if torch.cuda.is_available() else "process max RSS",
+        "eval": {"format_rate": stage[-1]["eval_format_rate"], "accuracy": stage[-1]["eval_accuracy"],
+                 "samples": len(trainer.stage_rows)} if stage else None,
+        "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
+        "dataset": summary_data,
+    }
+    atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "run_info.json", json.dumps(info, indent=2) + "\n")
+    if trainer.stage_samples:
+        atomic_write_text(out / "eval_samples.jsonl",
+                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in trainer.stage_samples))
+    if history:
+        _plot_loss(history, out / "loss.png")
+    return summary
+
+
+def _load(cfg: TrainConfig):
+    from stagereason.modeling import load_model
+
+    quant = "4bit" if cfg.peft == "qlora" else None
+    model, processor = load_model(cfg.model_name_or_path, quantization=quant,
+                                  attn_implementation=cfg.attn_implementation,
+                                  dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
+    if cfg.max_image_tiles is not None and hasattr(processor.image_processor, "max_image_tiles"):
+        processor.image_processor.max_image_tiles = cfg.max_image_tiles
+    if quant and cfg.gradient_checkpointing:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs)
+    return model, processor
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """What ``build_trainer`` prepared: the trainer and what the run directory will describe."""
+
+    trainer: StageSFTTrainer | None
+    processor: object
+    info: dict
+    data: dict
+    resume: str | None
+
+
+def build_trainer(cfg: TrainConfig) -> TrainSetup:
+    """Validate the data, drop over-long rows, load the model and build the trainer (``trainer`` is None on dry runs).
+
+    Everything that can fail on the data fails before the model is loaded.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    from stagereason.train.collate import StageCollator
+    from stagereason.train.templates import training_chat_template
+
+    resume = _prepare_output_dir(cfg)
+    rows, rep, source = load_rows(cfg.dataset, cfg.image_root, skip_invalid=cfg.skip_invalid)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root)
+    model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(cfg.model_name_or_path)
+    template = training_chat_template(processor, model_config.model_type, cfg.chat_template_path)
+    _token_lengths(train_rows + eval_rows, processor, template)
+    limit = cfg.max_length or 10**9
+    kept, eval_kept = [r for r in train_rows if r.n_tokens <= limit], [r for r in eval_rows if r.n_tokens <= limit]
+    data = _dataset_summary(train_rows + eval_rows, kept, eval_kept, rep, cfg)
+    if cfg.dry_run:
+        return TrainSetup(None, processor, {}, data, resume)
+    if not kept:
+        raise ValueError(f"no training rows left in {cfg.dataset} (invalid: {len(rep.problems)}, "
+                         f"longer than max_length {cfg.max_length}: {data['too_long_dropped']})")
+    if data["too_long_dropped"]:
+        logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
+                       data["too_long_dropped"], cfg.max_length)
+    model, processor = _load(cfg)
+    tile = getattr(processor.image_processor, "size", {}) or {}
+    max_side = cfg.max_image_side or tile.get("height", 560) * getattr(processor.image_processor,
+                                                                       "max_image_tiles", 4)
+    collator = StageCollator(processor, template, max_side, getattr(model_config.get_text_config(), "vocab_size",
+                                                                    None),
+                             assistant_only=cfg.assistant_only_loss, source=source)
+    user_assistant_only = cfg.assistant_only_loss
+    cfg.assistant_only_loss = False  # our collator masks; TRL must not swap in its own template
+    try:
+        trainer = StageSFTTrainer(
+            model=model, args=cfg, train_dataset=to_dataset(kept),
+            eval_dataset=to_dataset(eval_kept) if eval_kept else None, processing_class=processor,
+            data_collator=collator, peft_config=_peft_config(cfg),
+            stage_rows=eval_kept[: cfg.stage_eval_samples], stage_max_new_tokens=cfg.stage_eval_max_new_tokens,
+            max_image_side=max_side, image_source=source,
+        )
+    finally:
+        cfg.assistant_only_loss = user_assistant_only
+    info = {"base_model": cfg.model_name_or_path, "model_type": model_config.model_type, "peft": cfg.peft,
+            "quantization": "4bit-nf4" if cfg.peft == "qlora" else None,
+            "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32",
+            "attention": model.config._attn_implementation, "dataset": cfg.dataset,
+            "versions": _versions(), "git_revision": _git_revision(), "resumed_from": resume}
+    return TrainSetup(trainer, processor, info, data, resume)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """``stagereason train``: setup -> train (resumable) -> save a self-describing run directory."""
+    from stagereason.console import report
+
+    setup = build_trainer(cfg)
+    if cfg.dry_run:
+        import yaml
+
+        if not cfg.json:
+            print("# resolved config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        report("dataset (dry run: nothing trained)", setup.data, cfg.json)
+        return setup.data
+    trainer = setup.trainer
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=setup.resume)
+    if trainer.eval_dataset is not None and cfg.eval_strategy == "no":
+        trainer.evaluate()  # one evaluation at the end, stage metrics included
+    runtime = time.perf_counter() - start
+    summary = _save(cfg, trainer, setup.processor, setup.info, setup.data, runtime)
+    if trainer.stage_samples:
+        sample = trainer.stage_samples[0]
+        print(f"\nheld-out example {sample['id']}: {sample['question']}\n{sample['output']}\n"
+              f"(standard answer: {sample['answer']})\n")
+    shown = {k: v for k, v in summary.items() if k not in ("dataset", "eval")}
+    if summary["eval"]:
+        shown.update({"eval_format_rate": summary["eval"]["format_rate"],
+                      "eval_accuracy": summary["eval"]["accuracy"]})
+    report(f"trained: {cfg.output_dir}", shown, cfg.json)
+    return summary

@@ -1,0 +1,213 @@
+"""train: exact label masks, loss equal to a hand-computed cross-entropy, QLoRA/LoRA/full updates,
+invalid data before the model loads, dropped over-long rows, self-describing output, SIGKILL resume.
+
+Assets: the `test` tiny Mllama (conftest `tiny_dir`, built by stagereason.tiny) and procedural data
+written by `stagereason gen` (fixture `scenes` below); broken rows are written here.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from stagereason.cli import main
+from stagereason.config import parse_config
+from stagereason.train.collate import StageCollator
+from stagereason.train.data import load_rows
+from stagereason.train.runner import TrainConfig, build_trainer
+from stagereason.train.templates import training_chat_template
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """24 procedural examples written by `stagereason gen` (seed 0)."""
+    out = tmp_path_factory.mktemp("scenes") / "data"
+    assert main(["gen", "--out", str(out), "--n", "24", "--no_progress"]) == 0
+    return out
+
+
+def _cfg(tiny_dir, data, out, *flags):
+    (cfg,) = parse_config((TrainConfig,), [
+        "--model_name_or_path", str(tiny_dir), "--dataset", str(data), "--output_dir", str(out),
+        "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+        "--gradient_checkpointing", "false", "--eval_split", "4", "--stage_eval_samples", "2",
+        "--stage_eval_max_new_tokens", "8", "--logging_steps", "1", "--save_steps", "100", *flags])
+    return cfg
+
+
+def _expected_label_positions(processor, messages):
+    """Assistant tokens found independently: each assistant turn spans from the end of the prompt that
+    precedes it (rendered with add_generation_prompt) to the end of the rendering that includes it."""
+    def n_tokens(msgs, gen):
+        text = processor.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+        return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    positions = []
+    for j, m in enumerate(messages):
+        if m["role"] == "assistant":
+            positions += range(n_tokens(messages[:j], True), n_tokens(messages[: j + 1], False))
+    return positions
+
+
+def test_label_positions_are_exactly_the_assistant_tokens(tiny_dir, scenes, tmp_path):
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    rows, _, _ = load_rows(str(scenes))
+    image = rows[0].images[0]
+    multi_turn = {"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<SUMMARY> a </SUMMARY>"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<CONCLUSION> 4 </CONCLUSION>"}]}],
+        "images": [image]}
+    two_images = {"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "no"}]}], "images": [image, rows[1].images[0]]}
+    text_only = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]}], "images": []}
+    examples = [{"messages": rows[0].messages, "images": rows[0].images}, multi_turn, two_images, text_only]
+    model_type = "mllama"
+    collator = StageCollator(processor, training_chat_template(processor, model_type), 64, 507)
+    batch = collator(examples)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    for i, ex in enumerate(examples):
+        got = (batch["labels"][i] != -100).nonzero().flatten().tolist()
+        assert got == _expected_label_positions(processor, ex["messages"]), i
+        assert torch.equal(batch["labels"][i][got], batch["input_ids"][i][got])
+        assert image_id not in batch["labels"][i].tolist()
+        eot = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        assert batch["input_ids"][i][got[-1]] == eot  # the model learns to stop
+    assert (batch["input_ids"] == image_id).sum() == 4  # one, one, two and zero images
+
+
+def test_reported_loss_equals_hand_computed_cross_entropy(tiny_dir, scenes, tmp_path):
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "none"))
+    trainer = setup.trainer
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep])
+    assert keep.sum() > 100
+    assert torch.allclose(loss, manual, atol=1e-5), (loss, manual)
+
+
+def _snapshot(model):
+    """Bitwise copies: packed 4-bit storage read as floats holds NaNs, and NaN != NaN."""
+    return {n: p.detach().contiguous().view(torch.uint8).clone() for n, p in model.named_parameters()}
+
+
+def test_qlora_changes_only_lora_weights(tiny_dir, scenes, tmp_path):
+    import bitsandbytes as bnb
+
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "qlora"))
+    model = setup.trainer.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    with torch.no_grad():  # bitsandbytes packs the 4-bit weights at the first forward on the CPU
+        model(**{k: v for k, v in next(iter(setup.trainer.get_train_dataloader())).items() if k != "labels"})
+    before = _snapshot(model)
+    setup.trainer.train()
+    after = _snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    lora = {n for n in before if "lora_" in n}
+    assert changed and changed <= lora
+    assert any("cross_attn" in n for n in changed)  # cross-attention is adapted too
+    assert all("vision_model" not in n for n in lora)
+
+
+def test_full_finetuning_changes_every_weight_that_gets_a_gradient(tiny_dir, scenes, tmp_path):
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "none"))
+    model = setup.trainer.model
+    before = _snapshot(model)
+    setup.trainer.train()
+    after = _snapshot(model)
+    unchanged = sorted(n for n in before if torch.equal(before[n], after[n]))
+    assert len(unchanged) <= 2, unchanged  # at most embeddings of unused tile aspect ratios
+    assert "lm_head.weight" not in unchanged and "model.multi_modal_projector.weight" not in unchanged
+
+
+def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes), "--output_dir", str(out),
+                 "--peft", "lora", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                 "--gradient_checkpointing", "false", "--eval_split", "4", "--stage_eval_samples", "2",
+                 "--stage_eval_max_new_tokens", "8", "--json"]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
+            "chat_template.jinja", "train_config.yaml", "run_info.json", "train_summary.json", "loss.png",
+            "eval_samples.jsonl"} <= files
+    summary = json.loads((out / "train_summary.json").read_text())
+    for key in ("steps", "final_train_loss", "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_gb"):
+        assert summary[key] is not None, key
+    assert summary["steps"] == 2 and set(summary["eval"]) >= {"format_rate", "accuracy"}
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["base_model"] == str(tiny_dir) and info["peft"] == "lora" and info["precision"] == "fp32"
+    assert {"torch", "transformers", "trl", "peft"} <= set(info["versions"])
+    (cfg,) = parse_config((TrainConfig,), ["--config", str(out / "train_config.yaml")])  # reloadable
+    assert cfg.peft == "lora" and cfg.max_steps == 2
+    capsys.readouterr()
+    assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes),
+                 "--output_dir", str(out)]) == 1
+    assert "is not empty; pass --resume_from_checkpoint auto" in capsys.readouterr().err
+
+
+def test_invalid_dataset_fails_before_the_model_loads(scenes, tmp_path, capsys):
+    lines = (scenes / "data.jsonl").read_text().splitlines()
+    bad = [json.loads(x) for x in lines[:6]]
+    bad[1]["image"] = "images/missing.png"
+    bad[3]["conversations"][1]["value"] = "<SUMMARY> only </SUMMARY>"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    (tmp_path / "images").symlink_to(scenes / "images")
+    args = ["train", "--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset", str(data),
+            "--output_dir", str(tmp_path / "run")]
+    assert main(args) == 1  # the data is checked first: the missing model is never reached
+    err = capsys.readouterr().err
+    assert "2 invalid row(s)" in err and bad[1]["id"] in err and bad[3]["id"] in err and "--skip_invalid" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_invalid_and_over_long_rows_are_dropped_and_counted(tiny_dir, scenes, tmp_path, capsys):
+    lines = (scenes / "data.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    rows[0]["image"] = "images/missing.png"
+    rows[2]["conversations"][1]["value"] = rows[2]["conversations"][1]["value"].replace(
+        "</REASONING>", " more" * 300 + " </REASONING>")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "images").symlink_to(scenes / "images")
+    assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(data), "--dry_run",
+                 "--skip_invalid", "--max_length", "400", "--eval_split", "none", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["invalid_dropped"] == 1 and summary["too_long_dropped"] == 1
+    assert summary["train_rows"] == 22 and summary["tokens_max"] > 400
+
+
+def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, scenes, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stagereason.cli", "train", "--model_name_or_path", str(tiny_dir),
+           "--dataset", str(scenes), "--output_dir", str(out), "--peft", "none", "--max_steps", "40",
+           "--per_device_train_batch_size", "2", "--save_steps", "5", "--gradient_checkpointing", "false",
+           "--eval_split", "none", "--logging_steps", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoint-10").is_dir():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-10").is_dir() and not (out / "train_summary.json").exists()
+    res = subprocess.run(cmd + ["--resume_from_checkpoint", "auto"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    info = json.loads((out / "run_info.json").read_text())
+    assert summary["steps"] == 40 and os.path.basename(info["resumed_from"]).startswith("checkpoint-")
