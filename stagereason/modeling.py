@@ -142,8 +142,12 @@ def quantization_config(config, quantization: str | None, compute_dtype: torch.d
 def _device_map(device_map, quantized: bool):
     if device_map != "auto":
         return device_map
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one full copy per process under accelerate/torchrun
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        if sharded and not quantized:
+            return None  # FSDP / ZeRO-3 place (and shard) the weights themselves
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one full copy per process (DDP, QLoRA)
     if not torch.cuda.is_available():
         return {"": "cpu"} if quantized else None
     return "auto"

@@ -17,7 +17,17 @@ RECIPES = sorted(p for d in ("data_gen", "train", "infer") for p in (ROOT / d).r
 
 
 def test_there_are_recipes():
-    assert len(RECIPES) >= 3
+    assert len(RECIPES) >= 7
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed_zero3.yaml"])
+def test_accelerate_configs_parse_and_are_used_by_a_shown_command(name):
+    import yaml
+
+    path = ROOT / "train" / "accelerate" / name
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["distributed_type"] in ("FSDP", "DEEPSPEED") and cfg["num_processes"] >= 1
+    assert f"accelerate launch --config_file train/accelerate/{name} -m stagereason.cli train" in path.read_text()
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -25,9 +35,9 @@ def test_recipe_opens_with_its_command_and_parses(path, monkeypatch):
     text = path.read_text()
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     rel = path.relative_to(ROOT).as_posix()
-    m = re.search(rf"stagereason (\S+) --config {re.escape(rel)}", header)
+    m = re.search(rf"stagereason(?:\.cli)? (\S+) --config {re.escape(rel)}", header)
     assert m, f"{rel} must open with the command that runs it"
-    assert header.count("stagereason ") >= 2, f"{rel} needs an override example"
+    assert header.count("--config " + rel) >= 2, f"{rel} needs an override example after its command"
     verb = VERBS[m.group(1)]
     monkeypatch.chdir(ROOT)
     configs = parse_config(verb.configs(), ["--config", rel], prog=f"stagereason {m.group(1)}")

@@ -108,6 +108,10 @@ _JOB_KEYS = ("source", "data", "image_root", "seed", "difficulty", "image_size",
 
 def _job(cfg: GenConfig) -> dict:
     job = {k: getattr(cfg, k) for k in _JOB_KEYS}
+    if cfg.source == "synthetic":
+        from stagereason.data_gen.scenes import VERSION
+
+        job["scenes_version"] = VERSION
     for k in ("data", "image_root"):
         if job[k] and Path(job[k]).exists():
             job[k] = str(Path(job[k]).resolve())

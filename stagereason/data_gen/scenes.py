@@ -32,6 +32,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 FAMILIES = ("count", "attribute", "spatial", "compare", "arithmetic", "chart")
+VERSION = 2  # bump when the drawn images or the composed traces change: gen output dirs record it
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # difficulty -> (number of colours, number of shapes, max objects, sizes used)
@@ -113,9 +114,10 @@ def _draw_shapes(objs: list[Obj], size: int, rng: random.Random) -> Image.Image:
 
 
 def _caption(objs: list[Obj]) -> str:
+    """Objects in reading order, each position first: the place says where to look, then what is there."""
     ordered = sorted(objs, key=lambda o: (o.row, o.col))
-    items = ", ".join(f"a {o.size} {o.name} {o.where}" if o.size != "large" or len({x.size for x in objs}) > 1
-                      else f"a {o.name} {o.where}" for o in ordered)
+    sized = len({x.size for x in objs}) > 1
+    items = "; ".join(f"{o.where}, a {o.size + ' ' if sized else ''}{o.name}" for o in ordered)
     n = len(objs)
     return f"The image shows {n} {'object' if n == 1 else 'objects'} on a white background: {items}."
 

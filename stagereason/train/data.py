@@ -239,4 +239,5 @@ def to_dataset(rows: list[Row]):
     return datasets.Dataset.from_dict({
         "messages": [r.messages for r in rows],
         "images": [[str(s) for s in r.images] for r in rows],
+        "length": [r.n_tokens for r in rows],  # for train_sampling_strategy=group_by_length
     })

@@ -38,7 +38,7 @@ def test_all_families_occur_and_can_be_chosen():
 def test_difficulty_raises_object_count():
     def mean_objects(level):
         exs = [e for e in make_examples(300, seed=1, difficulty=level) if e.family != "chart"]
-        return sum(int(e.trace.caption.split()[3]) for e in exs) / len(exs)
+        return sum(int(e.trace.caption.split()[3]) for e in exs) / len(exs)  # "The image shows N objects"
 
     assert mean_objects(3) > mean_objects(1) + 1
 

@@ -1,0 +1,137 @@
+"""The ``Reasoner`` API: answer a question about an image in four stages, with a chosen search."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagereason.stages import StagedTrace
+
+__all__ = ["Reasoner", "ReasoningResult", "load_image"]
+
+
+@dataclasses.dataclass
+class ReasoningResult:
+    """One answer: the trace, its text, the final answer, how the search went and what it cost."""
+
+    trace: StagedTrace
+    text: str
+    search_log: list[dict]
+    usage: dict
+
+    @property
+    def answer(self) -> str:
+        return self.trace.answer
+
+    def to_dict(self) -> dict:
+        return {**self.trace.as_dict(), "answer": self.answer, "text": self.text, "search": self.search_log,
+                "usage": self.usage}
+
+
+def load_image(image: Any):
+    """A path, raw bytes or a PIL image -> an RGB PIL image.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: data that does not decode as an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as im:
+                return im.convert("RGB")
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"image {image if not isinstance(image, (bytes, bytearray)) else '<bytes>'} "
+                         f"cannot be read ({type(err).__name__}: {err})") from err
+
+
+class Reasoner:
+    """Staged answers from a base model, a merged export, a full fine-tune, or base + adapter.
+
+    Example:
+        >>> r = Reasoner.from_pretrained("runs/tiny-cpu")
+        >>> res = r.answer("scene.png", "How many red objects are there?", search="stage", beam_size=4)
+        >>> res.trace.conclusion, res.answer, res.usage["total_tokens"]
+    """
+
+    def __init__(self, model, processor, *, max_stage_tokens: int = 256, temperature: float = 0.7,
+                 top_p: float = 0.95):
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError("the model's processor has no chat template: stagereason needs one to build prompts")
+        self.model, self.processor = model.eval(), processor
+        self.max_stage_tokens, self.temperature, self.top_p = max_stage_tokens, temperature, top_p
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, adapter: str | Path | None = None, quantization: str | None = None,
+                        dtype: str = "auto", attn_implementation: str = "auto", **kwargs) -> Reasoner:
+        """Load ``path`` (and ``adapter``, a train run dir) with :func:`stagereason.modeling.load_model`.
+
+        A train run dir of a full fine-tune or a merged export is itself a model dir.
+        """
+        from stagereason.modeling import load_model
+
+        if not Path(path).exists() and "/" not in str(path):
+            raise FileNotFoundError(f"model {path} does not exist")
+        model, processor = load_model(path, quantization=quantization, adapter=adapter, dtype=dtype,
+                                      attn_implementation=attn_implementation)
+        return cls(model, processor, **kwargs)
+
+    def answer(self, image: Any, question: str, *, search: str = "stage", beam_size: int = 4,
+               judge: str | Callable = "self", seed: int | None = 0, max_stage_tokens: int | None = None,
+               temperature: float | None = None) -> ReasoningResult:
+        """Answer one question about one image (``image=None`` for text only).
+
+        Args:
+            image: a path, raw bytes, a PIL image, or None.
+            question: the question (not empty).
+            search: greedy, sample, best_of_n, sentence or stage.
+            beam_size: candidates per stage (or per answer / sentence).
+            judge: ``self``, ``loglik`` or ``fn(image, question, prefix, candidates) -> scores``.
+            seed: makes sampling reproducible (None: not seeded).
+
+        Raises:
+            ValueError: empty question, unreadable image, unknown search or judge.
+            FileNotFoundError: a missing image file.
+        """
+        from stagereason.infer.search import run_search
+
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        images = [] if image is None else [load_image(image)]
+        if seed is not None:
+            random.seed(seed)
+            torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            trace, raw, log, encode_s = run_search(
+                self.model, self.processor, images, question.strip(), search=search, beam_size=beam_size,
+                judge=judge, max_stage_tokens=max_stage_tokens or self.max_stage_tokens,
+                temperature=self.temperature if temperature is None else temperature, top_p=self.top_p)
+        per_stage = {e["stage"]: {"tokens": sum(r["tokens"] for r in e["rounds"]),
+                                  "seconds": round(sum(r["seconds"] for r in e["rounds"]), 4)} for e in log}
+        usage = {"per_stage": per_stage, "encode_seconds": round(encode_s, 4),
+                 "total_tokens": sum(v["tokens"] for v in per_stage.values()),
+                 "seconds": round(time.perf_counter() - t0, 4), "search": search, "beam_size": beam_size,
+                 "judge": judge if isinstance(judge, str) else getattr(judge, "__name__", "callable")}
+        return ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage)
+
+    def answer_batch(self, items: list[tuple[Any, str]], **kwargs) -> list[ReasoningResult]:
+        """``answer`` for each ``(image, question)``; same options for all."""
+        return [self.answer(image, question, **kwargs) for image, question in items]

@@ -1,0 +1,149 @@
+"""Search strategies over the four stages: greedy, sample, best_of_n, sentence, stage (the paper's).
+
+Every strategy forces each stage's opening tag, so the format cannot drift,
+and closes a candidate that hits ``max_stage_tokens`` (marked ``capped`` in the
+log). The prompt and image are encoded once (:class:`Prefix`); candidates are
+generated together in one batched call that stops each row at the closing tag.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from stagereason.infer.generate import Prefix
+from stagereason.infer.judges import SelfJudge, knockout
+from stagereason.stages import STAGES, StagedTrace, TraceFormatError, close_tag, open_tag, parse_trace
+
+__all__ = ["STRATEGIES", "run_search"]
+
+STRATEGIES = ("greedy", "sample", "best_of_n", "sentence", "stage")
+_SENTENCE_ENDS = (". ", ".\n")
+
+
+def _content(text: str, stage: str) -> tuple[str, bool]:
+    """Stage content of a candidate (text after the forced opening tag); whether it reached its closing tag."""
+    closer = close_tag(stage)
+    if closer in text:
+        return text.split(closer, 1)[0].strip(), True
+    return text.strip(), False
+
+
+class _Judge:
+    """Adapts a judge choice (``self``, ``loglik`` or a callable) to the knockout."""
+
+    def __init__(self, judge, model, processor, image, question: str):
+        self.kind = judge if isinstance(judge, str) else "callable"
+        self.fn = judge if callable(judge) else None
+        self.self_judge = SelfJudge(model, processor) if judge == "self" else None
+        self.image, self.question = image, question
+        if isinstance(judge, str) and judge not in ("self", "loglik"):
+            raise ValueError(f"unknown judge {judge!r}; use self, loglik or a callable")
+
+    def pick(self, prefix: Prefix, stage: str, texts: list[str], logliks: list[float] | None):
+        if len(texts) == 1:
+            return 0, [], None
+        if self.kind == "self":
+            return (*knockout(texts, lambda pairs: self.self_judge(prefix, self.question, stage, pairs)), None)
+        if self.kind == "loglik":
+            return (*knockout(texts, None, logliks), logliks)
+        scores = [float(s) for s in self.fn(self.image, self.question, prefix.text, texts)]
+        if len(scores) != len(texts):
+            raise ValueError(f"judge returned {len(scores)} scores for {len(texts)} candidates")
+        return (*knockout(texts, None, scores), scores)
+
+
+def _force(prefix: Prefix, text: str) -> None:
+    prefix.extend(prefix.tok.encode(text, add_special_tokens=False))
+
+
+def _opening(prefix: Prefix, stage: str) -> str:
+    done = prefix.text
+    sep = "" if not done or done.endswith("\n\n") else "\n\n" if not done.endswith("\n") else "\n"
+    return sep + open_tag(stage)
+
+
+def _stage_round(prefix: Prefix, stage: str, n: int, opts: dict, judge: _Judge, stop: str | list[str]) -> dict:
+    """One round: n candidates up to ``stop``, judged; the winner is appended to the prefix."""
+    t0 = time.perf_counter()
+    rows, logliks = prefix.continuations(n, stop, opts["max_tokens"], do_sample=opts["do_sample"],
+                                         temperature=opts["temperature"], top_p=opts["top_p"],
+                                         scores=judge.kind == "loglik" and n > 1)
+    texts = [prefix.tok.decode(r, skip_special_tokens=True) for r in rows]
+    winner, comparisons, scores = judge.pick(prefix, stage, texts, logliks)
+    prefix.extend(rows[winner])
+    stops = [stop] if isinstance(stop, str) else stop
+    return {"candidates": [{"text": t, "tokens": len(r), "reached_stop": any(s in t for s in stops)}
+                           for t, r in zip(texts, rows, strict=True)],
+            "comparisons": comparisons, "scores": scores, "winner": winner,
+            "tokens": sum(len(r) for r in rows), "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def _by_stage(prefix: Prefix, n: int, opts: dict, judge: _Judge, sentences: bool) -> list[dict]:
+    log = []
+    for stage in STAGES:
+        _force(prefix, _opening(prefix, stage))
+        start = len(prefix.text)
+        entry = {"stage": stage, "rounds": [], "capped": False}
+        budget = opts["max_stage_tokens"]
+        while True:
+            stop = [*_SENTENCE_ENDS, close_tag(stage)] if sentences else close_tag(stage)
+            rnd = _stage_round(prefix, stage, n, {**opts, "max_tokens": budget}, judge, stop)
+            entry["rounds"].append(rnd)
+            budget -= rnd["candidates"][rnd["winner"]]["tokens"]
+            if close_tag(stage) in prefix.text[start:]:
+                break
+            if budget <= 0 or rnd["candidates"][rnd["winner"]]["tokens"] == 0:
+                entry["capped"] = True  # closed for it: the format cannot drift
+                _force(prefix, " " + close_tag(stage))
+                break
+            if not sentences:
+                entry["capped"] = True
+                _force(prefix, " " + close_tag(stage))
+                break
+        log.append(entry)
+    return log
+
+
+def _best_of_n(prefix: Prefix, n: int, opts: dict, judge: _Judge) -> list[dict]:
+    _force(prefix, open_tag(STAGES[0]))
+    rnd = _stage_round(prefix, "ANSWER", n, {**opts, "max_tokens": opts["max_stage_tokens"] * len(STAGES)},
+                       judge, close_tag(STAGES[-1]))
+    return [{"stage": "ANSWER", "rounds": [rnd], "capped": close_tag(STAGES[-1]) not in prefix.text}]
+
+
+def _repair(text: str) -> StagedTrace:
+    """A strictly valid trace from whatever a whole-answer candidate holds (missing stages say so)."""
+    try:
+        return parse_trace(text)
+    except TraceFormatError:
+        try:
+            t = parse_trace(text, strict=False)
+        except TraceFormatError:
+            t = StagedTrace("", "", "", text.strip())
+        fill = {s.lower(): t.stage(s) or "(not given)" for s in STAGES}
+        return StagedTrace(**fill, problems=t.problems)
+
+
+def run_search(model, processor, images: list, question: str, *, search: str = "stage", beam_size: int = 4,
+               judge: str | Callable = "self", max_stage_tokens: int = 256, temperature: float = 0.7,
+               top_p: float = 0.95) -> tuple[StagedTrace, str, list[dict], float]:
+    """Run one strategy; returns ``(trace, raw_text, search_log, encode_seconds)``."""
+    if search not in STRATEGIES:
+        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(STRATEGIES)}")
+    t0 = time.perf_counter()
+    prefix = Prefix(model, processor, images, question)
+    encode_s = time.perf_counter() - t0
+    n = 1 if search in ("greedy", "sample") else beam_size
+    if n < 1:
+        raise ValueError("beam_size must be at least 1")
+    opts = {"do_sample": search != "greedy", "temperature": temperature, "top_p": top_p,
+            "max_stage_tokens": max_stage_tokens}
+    judge_ = _Judge(judge, model, processor, images[0] if images else None, question)
+    if search == "best_of_n":
+        log = _best_of_n(prefix, n, opts, judge_)
+        raw = prefix.text
+        return _repair(raw), raw, log, encode_s
+    log = _by_stage(prefix, n, opts, judge_, sentences=search == "sentence")
+    raw = prefix.text
+    return _repair(raw), raw, log, encode_s
