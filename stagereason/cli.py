@@ -39,6 +39,18 @@ def _train():
     return runner
 
 
+def _infer():
+    from stagereason.infer import run
+
+    return run
+
+
+def _eval():
+    from stagereason.infer import evaluate
+
+    return evaluate
+
+
 def _gen():
     from stagereason.data_gen import runner
 
@@ -62,8 +74,14 @@ VERBS: dict[str, Verb] = {
         "Fine-tune a VLM on staged traces with TRL's SFTTrainer: QLoRA (default), LoRA or full fine-tuning.",
         configs=lambda: (_train().TrainConfig,), run=lambda: _train().run_train,
     ),
-    "infer": Verb("Answer a question about an image with stage-level beam search."),
-    "eval": Verb("Accuracy, format rate, tokens and latency over a dataset."),
+    "infer": Verb(
+        "Answer a question about an image in four stages, with stage-level beam search (or another search).",
+        configs=lambda: (_infer().InferConfig,), run=lambda: _infer().run_infer,
+    ),
+    "eval": Verb(
+        "Accuracy, format rate, tokens and latency of a model and search over a dataset.",
+        configs=lambda: (_eval().EvalConfig,), run=lambda: _eval().run_eval,
+    ),
     "export": Verb("Merge an adapter into full-precision weights and verify them."),
 }
 

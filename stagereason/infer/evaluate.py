@@ -1,0 +1,98 @@
+"""``stagereason eval``: accuracy, format rate, tokens and latency over a dataset, per question family."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from stagereason.infer.run import SearchOptions, _f
+
+__all__ = ["EvalConfig", "run_eval"]
+
+
+@dataclasses.dataclass
+class EvalConfig(SearchOptions):
+    """Options of ``stagereason eval``."""
+
+    data: str = _f("runs/synthetic", "A gen output dir or data.jsonl (answers: each row's `answer`, else the "
+                                     "conclusion of its trace).")
+    image_root: str | None = _f(None, "Folder the rows' image paths are relative to (default: the file's folder).")
+    limit: int | None = _f(None, "Evaluate only the first N rows.")
+    out: str = _f("runs/eval", "Where predictions.jsonl and report.json go.")
+    force: bool = _f(False, "Replace an existing predictions.jsonl / report.json in --out.")
+    progress: bool = _f(True, "Show a progress bar.")
+    json: bool = _f(False, "Print the report as one JSON object.")
+
+
+def _strict_ok(text: str) -> bool:
+    from stagereason.stages import TraceFormatError, parse_trace
+
+    try:
+        parse_trace(text)
+        return True
+    except TraceFormatError:
+        return False
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Answer every row with the chosen search; score with ``answers_match``; write predictions and a report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stagereason.console import report
+    from stagereason.data_gen.records import atomic_write_text
+    from stagereason.infer.reasoner import Reasoner
+    from stagereason.stages import answers_match
+    from stagereason.train.data import load_rows
+
+    out = Path(cfg.out)
+    if (out / "report.json").exists() and not cfg.force:
+        raise FileExistsError(f"{out / 'report.json'} exists; pass --force to replace it or choose another --out")
+    rows, _, source = load_rows(cfg.data, cfg.image_root, check_images=False)
+    rows = rows[: cfg.limit] if cfg.limit else rows
+    if not rows:
+        raise ValueError(f"no rows in {cfg.data}")
+    reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,
+                                        max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature)
+    out.mkdir(parents=True, exist_ok=True)
+    preds, fam = [], defaultdict(lambda: {"n": 0, "correct": 0})
+    progress = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("acc {task.fields[acc]:.1%}"), console=Console(stderr=True),
+                        disable=not cfg.progress)
+    with progress:
+        task = progress.add_task("eval", total=len(rows), acc=0.0)
+        for i, row in enumerate(rows):
+            image = source(row.images[0]) if row.images else None
+            t0 = time.perf_counter()
+            res = reasoner.answer(image, row.question, search=cfg.search, beam_size=cfg.beam_size,
+                                  judge=cfg.judge, seed=cfg.seed + i)
+            latency = time.perf_counter() - t0
+            correct = bool(row.answer) and answers_match(res.trace.conclusion, row.answer)
+            key = row.family or "all"
+            fam[key]["n"] += 1
+            fam[key]["correct"] += correct
+            preds.append({"id": row.id, "question": row.question, "answer": row.answer,
+                          "prediction": res.answer, "correct": correct, "format_ok": _strict_ok(res.text),
+                          "tokens": res.usage["total_tokens"], "latency_s": round(latency, 4),
+                          "family": row.family, "text": res.text})
+            progress.update(task, advance=1, acc=sum(p["correct"] for p in preds) / len(preds))
+    n = len(preds)
+    result = {
+        "n": n, "accuracy": sum(p["correct"] for p in preds) / n,
+        "format_rate": sum(p["format_ok"] for p in preds) / n,
+        "mean_tokens": sum(p["tokens"] for p in preds) / n, "mean_latency_s": sum(p["latency_s"] for p in preds) / n,
+        "search": cfg.search, "beam_size": cfg.beam_size, "judge": cfg.judge, "model": cfg.model,
+        "adapter": cfg.adapter, "data": cfg.data,
+        "families": {k: {**v, "accuracy": v["correct"] / v["n"]} for k, v in sorted(fam.items())},
+    }
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
+    shown = {k: v for k, v in result.items() if k != "families"}
+    if not cfg.json:
+        for k, v in result["families"].items():
+            shown[f"family {k}"] = f"{v['accuracy']:.1%} of {v['n']}"
+    report(f"eval: {cfg.data}", shown if not cfg.json else result, cfg.json)
+    return result
