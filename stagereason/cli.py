@@ -51,6 +51,12 @@ def _eval():
     return evaluate
 
 
+def _export():
+    from stagereason import export
+
+    return export
+
+
 def _gen():
     from stagereason.data_gen import runner
 
@@ -82,7 +88,10 @@ VERBS: dict[str, Verb] = {
         "Accuracy, format rate, tokens and latency of a model and search over a dataset.",
         configs=lambda: (_eval().EvalConfig,), run=lambda: _eval().run_eval,
     ),
-    "export": Verb("Merge an adapter into full-precision weights and verify them."),
+    "export": Verb(
+        "Merge a train run's adapter into full-precision weights (or convert a full fine-tune), verified, atomic.",
+        configs=lambda: (_export().ExportConfig,), run=lambda: _export().run_export,
+    ),
 }
 
 
