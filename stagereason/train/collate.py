@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from stagereason.train.data import open_image
@@ -18,9 +19,12 @@ class StageCollator:
     Images are opened here (a 100k-image dataset never sits in memory) and
     their longest side is capped at ``max_image_side``. Nothing is truncated:
     over-long rows are dropped before training. Labels are -100 everywhere but
-    on assistant text and its end-of-turn token (the training template's
-    generation markers); as a last guard, any label outside the output
-    vocabulary (Mllama's ``<|image|>``) is masked too.
+    on assistant text and its end-of-turn token, as the training template's
+    ``{% generation %}`` markers say. The marked character spans are mapped to
+    tokens with the fast tokenizer's offsets (transformers' own alignment walks
+    every token in Python); where a processor expands image tokens, so that
+    offsets and ids disagree, TRL's assistant mask is used instead. As a last
+    guard, any label outside the output vocabulary (Mllama's ``<|image|>``) is masked.
     """
 
     processor: object
@@ -33,15 +37,42 @@ class StageCollator:
     def __post_init__(self):
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-        self._inner = DataCollatorForVisionLanguageModeling(
-            processor=self.processor, max_length=None, assistant_only_loss=self.assistant_only,
-            chat_template=self.chat_template)
+        kwargs = {"processor": self.processor, "max_length": None, "chat_template": self.chat_template}
+        self._plain = DataCollatorForVisionLanguageModeling(assistant_only_loss=False, **kwargs)
+        self._masked = DataCollatorForVisionLanguageModeling(assistant_only_loss=self.assistant_only, **kwargs)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         resolve = self.source or (lambda ref: ref)
         batch = [{"messages": ex["messages"], "images": [open_image(resolve(s), self.max_image_side)
                                                          for s in ex["images"]]} for ex in examples]
-        out = self._inner(batch)
+        out = self._plain(batch) if self.assistant_only else self._masked(batch)
+        if self.assistant_only:
+            mask = self._assistant_mask(examples, out["input_ids"], out["attention_mask"])
+            if mask is None:  # offsets and ids disagree: let transformers align them
+                out = self._masked(batch)
+            else:
+                out["labels"][~mask] = -100
         if self.vocab_size is not None:
             out["labels"][out["labels"] >= self.vocab_size] = -100
         return out
+
+    def _assistant_mask(self, examples, input_ids, attention_mask) -> torch.Tensor | None:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        tok = self.processor.tokenizer
+        texts, spans = render_jinja_template(
+            conversations=[ex["messages"] for ex in examples], chat_template=self.chat_template,
+            return_assistant_tokens_mask=True, **tok.special_tokens_map)
+        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        lengths = attention_mask.sum(1).tolist()
+        for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], strict=True)):
+            n = len(ids)
+            if n != lengths[i] or ids != input_ids[i, :n].tolist():
+                return None
+            starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=n)
+            row = np.zeros(n, dtype=bool)
+            for lo, hi in spans[i]:
+                row |= (starts >= lo) & (starts < hi)
+            mask[i, :n] = torch.from_numpy(row)
+        return mask

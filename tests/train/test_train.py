@@ -211,3 +211,14 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, 
     summary = json.loads((out / "train_summary.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
     assert summary["steps"] == 40 and os.path.basename(info["resumed_from"]).startswith("checkpoint-")
+
+
+def test_fast_assistant_mask_equals_trls_own(tiny_dir, scenes):
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    rows, _, _ = load_rows(str(scenes))
+    collator = StageCollator(processor, training_chat_template(processor, "mllama"), 64, 507)
+    examples = [{"messages": r.messages, "images": r.images} for r in rows[:6]]
+    fast = collator(examples)
+    collator._assistant_mask = lambda *a: None  # as when a processor expands image tokens
+    slow = collator(examples)
+    assert torch.equal(fast["labels"], slow["labels"]) and torch.equal(fast["input_ids"], slow["input_ids"])
