@@ -55,9 +55,9 @@ def naive_stage_search(model, processor, image, question, n, max_stage_tokens, j
         for _ in range(n):  # one at a time, image and prefix encoded again each time
             inputs = _inputs(processor, image, prompt + answer)
             start = inputs["input_ids"].shape[1]
+            stop = StoppingCriteriaList([_DecodeWholeText(tok, start, close_tag(stage))])
             out = model.generate(**inputs, max_new_tokens=max_stage_tokens, do_sample=True, temperature=0.7,
-                                 top_p=0.95, pad_token_id=tok.pad_token_id,
-                                 stopping_criteria=StoppingCriteriaList([_DecodeWholeText(tok, start, close_tag(stage))]))
+                                 top_p=0.95, pad_token_id=tok.pad_token_id, stopping_criteria=stop)
             candidates.append(tok.decode(out[0, start:], skip_special_tokens=True))
         best = candidates[0]
         for other in candidates[1:]:  # knockout, judged by free-form generation

@@ -132,14 +132,28 @@ class StageSFTTrainer(SFTTrainer):
         return {"format_rate": fmt / n, "accuracy": right / n}
 
 
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) is there and parses.
+
+    A run killed while saving leaves its newest checkpoint incomplete; it is skipped.
+    """
+    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt)
+        except (OSError, ValueError):
+            logger.warning("skipping %s: incomplete (interrupted while saving)", ckpt)
+    return None
+
+
 def _prepare_output_dir(cfg: TrainConfig) -> str | None:
     """Refuse a non-empty output dir unless resuming or overwriting; return the checkpoint to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(cfg.output_dir)
     resume = cfg.resume_from_checkpoint
     if resume == "auto":
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        resume = last_complete_checkpoint(out) if out.is_dir() else None
         if resume is None:
             logger.info("no checkpoint in %s: starting from scratch", out)
     elif resume and not Path(resume).is_dir():

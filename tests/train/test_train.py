@@ -213,6 +213,16 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, 
     assert summary["steps"] == 40 and os.path.basename(info["resumed_from"]).startswith("checkpoint-")
 
 
+def test_auto_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
+    from stagereason.train.runner import last_complete_checkpoint
+
+    for step, state in ((5, '{"global_step": 5}'), (10, '{"global_st'), (15, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+
+
 def test_fast_assistant_mask_equals_trls_own(tiny_dir, scenes):
     processor = AutoProcessor.from_pretrained(tiny_dir)
     rows, _, _ = load_rows(str(scenes))
