@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from stagereason.console import report
 from stagereason.data_gen.runner import GenConfig, run_gen
 
 
@@ -87,12 +88,7 @@ def main() -> None:
         "ratio_to_ideal": round(slow["records_per_s"] / ideal, 3),
         "concurrency": args.concurrency,
     }
-    if args.json:
-        print(json.dumps(result))
-        return
-    width = max(map(len, result))
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
+    report("bench/datagen.py: gen throughput", result, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ stage early: every variant generates the same number of tokens per stage.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from stagereason.console import report
 from stagereason.infer.judges import CRITERIA
 from stagereason.stages import STAGES, close_tag, open_tag
 
@@ -135,12 +135,7 @@ def main() -> None:
     result["greedy_s"] = round(greedy, 3)
     result["max_stage_tokens"] = cap
     result["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.json:
-        print(json.dumps(result))
-        return
-    width = max(map(len, result))
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
+    report("bench/infer.py: stage beam search wall time", result, args.json)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stagereason.console import report
+
 
 def _plain_trl(model_dir: Path, data_dir: Path, out: Path, steps: int, batch: int, lr: float) -> dict:
     """The baseline: a plain TRL script, written the way TRL's VLM SFT example writes it."""
@@ -100,12 +102,7 @@ def main() -> None:
         "plain_trl_tokens_per_s": round(plain["tokens_per_s"] or 0, 1),
         "steps": args.steps, "batch": args.batch, "rounds": args.rounds,
     }
-    if args.json:
-        print(json.dumps(result))
-        return
-    width = max(map(len, result))
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
+    report("bench/train.py: train throughput", result, args.json)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stagereason.data_gen.records import iter_jsonl
+
 __all__ = ["Example", "Turn", "llava_examples", "hf_examples", "synthetic_examples", "IMAGE_PLACEHOLDER"]
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -146,17 +148,11 @@ def llava_examples(path: str | Path, image_root: str | Path | None = None) -> It
         for i, row in enumerate(rows):
             yield _llava_row(row, f"row {i}", root, seen)
         return
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield Example(id=f"line-{lineno}", images=[], turns=[],
-                              error=f"line {lineno} of {path.name}: bad JSON ({err.msg} at column {err.colno})")
-                continue
-            yield _llava_row(row, f"line {lineno}", root, seen)
+    for lineno, row, err in iter_jsonl(path, strict=False):
+        if err:
+            yield Example(id=f"line-{lineno}", images=[], turns=[], error=f"bad JSON: {err}")
+            continue
+        yield _llava_row(row, f"line {lineno}", root, seen)
 
 
 def _hf_image(value) -> Any:
