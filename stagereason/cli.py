@@ -73,7 +73,7 @@ VERBS: dict[str, Verb] = {
         configs=lambda: (_gen().GenConfig,), run=lambda: _gen().run_gen,
     ),
     "validate": Verb(
-        "Check a data.jsonl or gen output dir: lines, ids, roles, placeholders, images, stage format.",
+        "Check a data.jsonl or gen output dir: lines, roles, placeholders, images, stage format.",
         configs=lambda: (_validate().ValidateConfig,), run=lambda: _validate().run_validate, positionals=("path",),
     ),
     "train": Verb(

@@ -1,6 +1,6 @@
 """``stagereason validate``: check a dataset in the LLaVA-CoT layout before training on it.
 
-Checks every row: the line parses, ids are unique, roles alternate
+Checks every row: the line parses, roles alternate
 human/gpt, at most one ``<image>`` placeholder per image (none is fine: the
 published LLaVA-CoT-100k strips them), every image exists and decodes, and
 every gpt turn passes the strict stage format.
@@ -42,6 +42,7 @@ class ValidationReport:
     images: int = 0
     problems: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     kinds: Counter = dataclasses.field(default_factory=Counter)
+    repeated_ids: dict[str, int] = dataclasses.field(default_factory=dict)  # not an error: one image, many questions
 
     @property
     def ok(self) -> bool:
@@ -154,7 +155,8 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
             continue
         row = str(rec.get("id", f"line {lineno}"))
         if row in seen:
-            report.add(row, "duplicate_id", f"id {row!r} appears more than once (again at line {lineno})")
+            report.repeated_ids[row] = report.repeated_ids.get(row, 1) + 1
+            row = f"{row}#{report.repeated_ids[row] - 1}"  # each row keeps its own name in the report
         seen.add(row)
         to_check += [(row, p) for p in check_row(rec, row, root, report)]
     report.images = len(to_check)
@@ -175,6 +177,9 @@ def run_validate(cfg: ValidateConfig) -> int:
     rep = check_dataset(cfg.path, cfg.image_root, cfg.check_images)
     by_kind = rep.by_kind()
     summary = {"path": rep.path, "rows": rep.rows, "images": rep.images, "bad_rows": len(rep.problems)}
+    if rep.repeated_ids:
+        shown = ", ".join(list(rep.repeated_ids)[: cfg.show])
+        summary["repeated ids (not an error)"] = f"{len(rep.repeated_ids)}: {shown}"
     for kind, rows in sorted(by_kind.items()):
         more = f" (+{len(rows) - cfg.show} more)" if len(rows) > cfg.show else ""
         summary[kind] = f"{len(rows)} rows: " + ", ".join(rows[: cfg.show]) + more

@@ -178,13 +178,14 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise ValueError(f"{len(bad)} invalid row(s) in {report.path}: {shown}{more}. "
                          "Fix them (stagereason validate lists all) or pass --skip_invalid to drop them")
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     rows = []
     for rid, rec in records:
-        if rid in bad or rid in seen:
-            continue
-        seen.add(rid)
-        rows.append(_row(rec, rid, root))
+        n = seen.get(rid, 0)
+        seen[rid] = n + 1
+        key = rid if n == 0 else f"{rid}#{n}"  # repeated ids are distinct rows, named as validate names them
+        if key not in bad:
+            rows.append(_row(rec, key, root))
     return rows, report, source
 
 

@@ -46,14 +46,14 @@ def test_every_problem_kind_is_reported_with_its_row(tmp_path, capsys):
     kinds = {row: sorted({m.split(":")[0] for m in msgs}) for row, msgs in rep.problems.items()}
     assert kinds == {
         "two_placeholders": ["placeholders"], "missing_img": ["image"], "corrupt_img": ["image"],
-        "bad_trace": ["stage_format"], "roles": ["roles"], "good": ["duplicate_id"], "multi": ["stage_format"],
-        "line 11": ["json"],
+        "bad_trace": ["stage_format"], "roles": ["roles"], "multi": ["stage_format"], "line 11": ["json"],
     }
+    assert rep.repeated_ids == {"good": 2}  # one image, several questions: reported, not an error
     assert "gpt turn 2: missing stages <SUMMARY>, <REASONING>, <CONCLUSION>" in rep.problems["multi"][0]
     assert rep.rows == 11 and rep.images == 9
     assert main(["validate", str(data), "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert out["bad_rows"] == 8 and out["image"].startswith("2 rows: missing_img, corrupt_img")
+    assert out["bad_rows"] == 7 and out["image"].startswith("2 rows: missing_img, corrupt_img")
 
 
 def test_missing_path_is_a_clear_error(tmp_path, capsys):

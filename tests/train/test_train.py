@@ -232,3 +232,15 @@ def test_fast_assistant_mask_equals_trls_own(tiny_dir, scenes):
     collator._assistant_mask = lambda *a: None  # as when a processor expands image tokens
     slow = collator(examples)
     assert torch.equal(fast["labels"], slow["labels"]) and torch.equal(fast["input_ids"], slow["input_ids"])
+
+
+def test_repeated_ids_are_distinct_rows_not_errors(scenes, tmp_path):
+    rows = [json.loads(x) for x in (scenes / "data.jsonl").read_text().splitlines()[:3]]
+    rows[1]["id"] = rows[2]["id"] = rows[0]["id"]  # one image, several questions
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "images").symlink_to(scenes / "images")
+    loaded, report, _ = load_rows(str(data))
+    rid = rows[0]["id"]
+    assert [r.id for r in loaded] == [rid, f"{rid}#1", f"{rid}#2"] and report.ok
+    assert report.repeated_ids == {rid: 3}
