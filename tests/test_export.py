@@ -87,6 +87,14 @@ def test_bf16_export_loads_in_reasoner_and_full_finetune_converts(tiny_dir, runs
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "full").dtype == torch.float16
 
 
+def test_an_adapter_run_dir_alone_loads_in_the_reasoner(runs):
+    from stagereason.infer.reasoner import Reasoner
+
+    r = Reasoner.from_pretrained(runs / "qlora", max_stage_tokens=3)
+    assert type(r.model).__name__.startswith("PeftModel")
+    assert r.answer(None, "2+2?", search="greedy").trace.ok
+
+
 def test_refuses_to_overwrite_and_force_replaces(runs, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()

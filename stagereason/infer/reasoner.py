@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import random
 import time
 from collections.abc import Callable
@@ -83,11 +84,22 @@ class Reasoner:
                         dtype: str = "auto", attn_implementation: str = "auto", **kwargs) -> Reasoner:
         """Load ``path`` (and ``adapter``, a train run dir) with :func:`stagereason.modeling.load_model`.
 
-        A train run dir of a full fine-tune or a merged export is itself a model dir.
+        ``path`` may be a base model, a merged export, a full fine-tune run dir,
+        or a LoRA/QLoRA run dir alone (its recorded base is loaded under it).
         """
         from stagereason.modeling import load_model
 
-        if not Path(path).exists() and "/" not in str(path):
+        run = Path(path)
+        if adapter is None and (run / "adapter_config.json").is_file() and not (run / "config.json").is_file():
+            # an adapter run dir: load the base it records, then the adapter
+            info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
+            base = info.get("base_model") or json.loads((run / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path")
+            if not base:
+                raise ValueError(f"{run} is an adapter run dir that does not record its base model; pass the base "
+                                 "as the model and this dir as the adapter")
+            path, adapter = base, run
+        elif not run.exists() and "/" not in str(path):
             raise FileNotFoundError(f"model {path} does not exist")
         model, processor = load_model(path, quantization=quantization, adapter=adapter, dtype=dtype,
                                       attn_implementation=attn_implementation)
