@@ -28,7 +28,7 @@ import torch
 
 from stagereason.stages import STAGES, close_tag, open_tag
 
-__all__ = ["PRESETS", "TinyPreset", "build_tiny_model", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
+__all__ = ["PRESETS", "TinyPreset", "build_tiny_model", "open_gates", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
 
 # Named special tokens of Llama-3.2-Vision, in the order they follow the text
 # vocabulary. `<|image|>` comes last and gets id == text vocab size.
@@ -46,6 +46,8 @@ SPECIAL_TOKENS = (
     "<|python_tag|>",
 )
 IMAGE_TOKEN = "<|image|>"
+LLAMA3_TEXT_VOCAB = 128000  # BPE entries of Llama-3's tokenizer
+LLAMA3_SPECIALS = 256  # special tokens after them; <|image|> is 128256
 
 # The structure of Llama-3.2-11B-Vision-Instruct's template without the tool
 # branches; the date is fixed so that rendering is deterministic.
@@ -173,7 +175,15 @@ def _corpus(seed: int, n_lines: int = 3000) -> list[str]:
     return lines
 
 
-def _build_tokenizer(preset: TinyPreset, seed: int):
+def _build_tokenizer(preset: TinyPreset, seed: int, llama3_ids: bool = False):
+    """Train the BPE tokenizer in code.
+
+    With ``llama3_ids`` the vocabulary gets Llama-3's real size and ids: unused
+    fillers pad the BPE vocabulary to 128000 entries (never produced by
+    encoding), the named special tokens follow at 128000 (``<|begin_of_text|>``)
+    to 128010, reserved special tokens fill up to 128255 and ``<|image|>`` is
+    128256. That pairs the tokenizer with the real 11B architecture.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -188,7 +198,15 @@ def _build_tokenizer(preset: TinyPreset, seed: int):
         vocab_size=len(alphabet) + preset.vocab_merges, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(_corpus(seed), trainer)
-    tok.add_special_tokens(list(SPECIAL_TOKENS) + [IMAGE_TOKEN])
+    specials = list(SPECIAL_TOKENS)
+    if llama3_ids:
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for i in range(len(vocab), LLAMA3_TEXT_VOCAB):
+            vocab[f"<unused_{i}>"] = i
+        tok = Tokenizer.from_str(json.dumps(spec))
+        specials += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + LLAMA3_SPECIALS - len(SPECIAL_TOKENS))]
+    tok.add_special_tokens(specials + [IMAGE_TOKEN])
     bos_id = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos_id)]
@@ -259,6 +277,19 @@ def _build_processor(preset: TinyPreset, tokenizer):
     return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
+def open_gates(model) -> None:
+    """Give a freshly initialised Mllama non-zero gates: with the zero defaults the text never sees the image."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(1.0)
+                layer.cross_attn_mlp_gate.fill_(1.0)
+        vision = model.model.vision_model
+        for emb in (vision.pre_tile_positional_embedding, vision.post_tile_positional_embedding,
+                    vision.gated_positional_embedding):
+            emb.gate.fill_(0.5)
+
+
 def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, preset: str = "demo"):
     """Build a random tiny Mllama, its processor and tokenizer, offline and deterministically.
 
@@ -289,16 +320,7 @@ def build_tiny_model(out_dir: str | Path | None = None, *, seed: int = 0, preset
 
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config)
-    with torch.no_grad():
-        # Fresh Mllama gates are zero: the text would never see the image.
-        for layer in model.model.language_model.layers:
-            if hasattr(layer, "cross_attn_attn_gate"):
-                layer.cross_attn_attn_gate.fill_(1.0)
-                layer.cross_attn_mlp_gate.fill_(1.0)
-        vision = model.model.vision_model
-        for emb in (vision.pre_tile_positional_embedding, vision.post_tile_positional_embedding,
-                    vision.gated_positional_embedding):
-            emb.gate.fill_(0.5)
+    open_gates(model)
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         eos_token_id=config.text_config.eos_token_id,

@@ -96,3 +96,26 @@ def test_presets_sizes():
     assert set(PRESETS) == {"test", "demo"}
     with pytest.raises(ValueError, match="unknown preset"):
         build_tiny_model(None, preset="huge")
+
+
+def test_llama3_ids_tokenizer_pairs_with_the_real_11b_architecture():
+    """bench/gpu_11b.py builds the real 11B configuration around this tokenizer: ids and size must be the real ones."""
+    import sys
+    from pathlib import Path
+
+    from transformers import MllamaForConditionalGeneration
+
+    from stagereason.tiny import PRESETS, _build_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from gpu_11b import llama32v_11b_config
+
+    tok = _build_tokenizer(PRESETS["demo"], seed=0, llama3_ids=True)
+    ids = tok.convert_tokens_to_ids(["<|begin_of_text|>", "<|finetune_right_pad_id|>", "<|eot_id|>", "<|image|>"])
+    assert ids == [128000, 128004, 128009, 128256] and len(tok) == 128257
+    text = "<SUMMARY> two red circles </SUMMARY>"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert max(tok(text, add_special_tokens=False)["input_ids"]) < 256 + PRESETS["demo"].vocab_merges  # no fillers
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(llama32v_11b_config(tok))
+    assert sum(p.numel() for p in model.parameters()) == 10_670_220_835  # Llama-3.2-11B-Vision's count

@@ -33,6 +33,7 @@ class StageCollator:
     vocab_size: int | None = None
     assistant_only: bool = True
     source: object = None  # an ImageSource resolving image references (default: references are paths)
+    tiles: tuple[int, int] | None = None  # (tile size, most tiles per image): see data.fit_tiles
 
     def __post_init__(self):
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -43,7 +44,7 @@ class StageCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         resolve = self.source or (lambda ref: ref)
-        batch = [{"messages": ex["messages"], "images": [open_image(resolve(s), self.max_image_side)
+        batch = [{"messages": ex["messages"], "images": [open_image(resolve(s), self.max_image_side, self.tiles)
                                                          for s in ex["images"]]} for ex in examples]
         out = self._plain(batch) if self.assistant_only else self._masked(batch)
         if self.assistant_only:

@@ -207,8 +207,26 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def open_image(src, max_side: int | None):
-    """Open one image (path, bytes or PIL), convert to RGB and cap its longest side."""
+def fit_tiles(im, tile: int, most: int):
+    """Shrink ``im`` just enough that Mllama's processor gives it at most ``most`` tiles of ``tile`` pixels.
+
+    The processor picks the canvas (rows x columns of tiles) that fits the
+    image with the least upscaling, else the least downscaling. An image that
+    fits some canvas of at most ``most`` tiles unscaled already gets one of at
+    most that many (the smallest canvas that contains it); otherwise it is
+    shrunk to fit the canvas of at most ``most`` tiles that keeps it largest.
+    The model still pads to its own tile count, so its inputs keep their shape.
+    """
+    h, w = im.height, im.width
+    canvases = [(r, c) for r in range(1, most + 1) for c in range(1, most + 1) if r * c <= most]
+    scale = max(min(r * tile / h, c * tile / w) for r, c in canvases)
+    if scale >= 1:
+        return im
+    return im.resize((max(1, int(w * scale)), max(1, int(h * scale))))
+
+
+def open_image(src, max_side: int | None, tiles: tuple[int, int] | None = None):
+    """Open one image (path, bytes or PIL), convert to RGB, cap its longest side and (``(tile, most)``) its tiles."""
     import io
 
     from PIL import Image
@@ -226,7 +244,8 @@ def open_image(src, max_side: int | None):
             im.draft("RGB", (max_side, max_side))  # decode big JPEGs at reduced scale
         im = im.convert("RGB")
         im.thumbnail((max_side, max_side))
-    return im.convert("RGB")
+    im = im.convert("RGB")
+    return fit_tiles(im, *tiles) if tiles else im
 
 
 def to_dataset(rows: list[Row]):

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from stagereason.stages import TraceFormatError, answers_match, parse_trace
@@ -87,14 +88,55 @@ class TrainConfig(SFTConfig):
         super().__post_init__()
 
 
+def _frozen_towers_record_no_graph(model) -> None:
+    """Remove the input-gradient hooks that make a frozen vision tower record a graph.
+
+    With PEFT and checkpointing, SFTTrainer and ``Trainer.train`` call
+    ``enable_input_require_grads``, which hooks the input embeddings of every
+    sub-model, the vision tower's patch embedding included: the frozen tower
+    then keeps activations for, and runs, a backward pass that only reaches
+    frozen weights (GPU numbers for the 11B model in bench/RESULTS.md). Hooks
+    stay on the embeddings of sub-models that train something (the text
+    decoder; the vision tower too with ``--vision_lora``).
+    """
+    from transformers import PreTrainedModel
+
+    subs = [m for m in model.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "get_input_embeddings")]
+    keep, frozen = set(), []
+    for sub in subs:
+        try:
+            emb = sub.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        if emb is None:
+            continue
+        if any(p.requires_grad for p in sub.parameters()):
+            keep.add(id(emb))
+        else:
+            frozen.append(emb)
+    for emb in frozen:
+        if id(emb) in keep:
+            continue
+        for key, hook in list(emb._forward_hooks.items()):
+            if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+                del emb._forward_hooks[key]
+
+
+class _FrozenTowers(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            _frozen_towers_record_no_graph(model)
+
+
 class StageSFTTrainer(SFTTrainer):
     """SFTTrainer whose evaluation also generates on held-out rows: format rate and conclusion accuracy."""
 
     def __init__(self, *args, stage_rows: list[Row] | None = None, stage_max_new_tokens: int = 384,
-                 max_image_side: int | None = None, image_source=None, **kwargs):
+                 max_image_side: int | None = None, image_source=None, image_tiles=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(_FrozenTowers())  # after Trainer.train() turns checkpointing (and its hooks) on
         self.stage_rows, self.stage_max_new_tokens = stage_rows or [], stage_max_new_tokens
-        self.max_image_side = max_image_side
+        self.max_image_side, self.image_tiles = max_image_side, image_tiles
         self.image_source = image_source or (lambda ref: ref)
         self.stage_samples: list[dict] = []
 
@@ -110,8 +152,8 @@ class StageSFTTrainer(SFTTrainer):
         """Generate on the held-out rows; strict stage format and ``answers_match`` against their answers."""
         from stagereason.infer.generate import generate_greedy
 
-        items = [([open_image(self.image_source(s), self.max_image_side) for s in r.images], r.question)
-                 for r in self.stage_rows]
+        items = [([open_image(self.image_source(s), self.max_image_side, self.image_tiles) for s in r.images],
+                  r.question) for r in self.stage_rows]
         texts = generate_greedy(self.model, self.processing_class, items,
                                 max_new_tokens=self.stage_max_new_tokens, batch_size=16)
         fmt = right = 0
@@ -299,14 +341,21 @@ def _load(cfg: TrainConfig):
     model, processor = load_model(cfg.model_name_or_path, quantization=quant,
                                   attn_implementation=cfg.attn_implementation,
                                   dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
-    if cfg.max_image_tiles is not None and hasattr(processor.image_processor, "max_image_tiles"):
-        processor.image_processor.max_image_tiles = cfg.max_image_tiles
-    if quant and cfg.gradient_checkpointing:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs)
+    if quant:
+        _prepare_kbit(model)
     return model, processor
+
+
+def _prepare_kbit(model) -> None:
+    """Freeze the quantized base, keeping every weight's dtype (``Trainer.train`` turns checkpointing on).
+
+    PEFT's ``prepare_model_for_kbit_training`` also casts every non-4-bit
+    weight to float32: for Llama-3.2-11B-Vision that is the vision tower,
+    projector, embeddings and ``lm_head`` (about 1.9B parameters), +3.8 GB of
+    GPU memory for nothing under bf16 autocast.
+    """
+    for param in model.parameters():
+        param.requires_grad = False
 
 
 @dataclasses.dataclass
@@ -334,6 +383,10 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     rows, rep, source = load_rows(cfg.dataset, cfg.image_root, skip_invalid=cfg.skip_invalid)
     train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root)
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+    most = getattr(getattr(model_config, "vision_config", None), "max_num_tiles", None)
+    if cfg.max_image_tiles is not None and most is not None and not 1 <= cfg.max_image_tiles <= most:
+        raise ValueError(f"--max_image_tiles {cfg.max_image_tiles}: {cfg.model_name_or_path} takes 1 to {most} "
+                         "tiles per image")
     processor = AutoProcessor.from_pretrained(cfg.model_name_or_path)
     template = training_chat_template(processor, model_config.model_type, cfg.chat_template_path)
     _token_lengths(train_rows + eval_rows, processor, template)
@@ -349,12 +402,14 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
     model, processor = _load(cfg)
-    tile = getattr(processor.image_processor, "size", {}) or {}
-    max_side = cfg.max_image_side or tile.get("height", 560) * getattr(processor.image_processor,
-                                                                       "max_image_tiles", 4)
+    tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
+    most = getattr(processor.image_processor, "max_image_tiles", None)
+    max_side = cfg.max_image_side or tile * (most or 4)
+    # fewer tiles than the model takes: shrink images to fit them (the model still pads to its own count)
+    tiles = (tile, cfg.max_image_tiles) if cfg.max_image_tiles and most and cfg.max_image_tiles < most else None
     collator = StageCollator(processor, template, max_side, getattr(model_config.get_text_config(), "vocab_size",
                                                                     None),
-                             assistant_only=cfg.assistant_only_loss, source=source)
+                             assistant_only=cfg.assistant_only_loss, source=source, tiles=tiles)
     user_assistant_only = cfg.assistant_only_loss
     cfg.assistant_only_loss = False  # our collator masks; TRL must not swap in its own template
     try:
@@ -363,7 +418,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
             eval_dataset=to_dataset(eval_kept) if eval_kept else None, processing_class=processor,
             data_collator=collator, peft_config=_peft_config(cfg),
             stage_rows=eval_kept[: cfg.stage_eval_samples], stage_max_new_tokens=cfg.stage_eval_max_new_tokens,
-            max_image_side=max_side, image_source=source,
+            max_image_side=max_side, image_source=source, image_tiles=tiles,
         )
     finally:
         cfg.assistant_only_loss = user_assistant_only

@@ -14,6 +14,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoProcessor
 
 from stagereason.cli import main
@@ -122,6 +124,47 @@ def test_qlora_changes_only_lora_weights(tiny_dir, scenes, tmp_path):
     assert changed and changed <= lora
     assert any("cross_attn" in n for n in changed)  # cross-attention is adapted too
     assert all("vision_model" not in n for n in lora)
+
+
+def _vision_output_requires_grad(setup) -> bool:
+    """Train one step and say whether the vision tower's projected output carried a graph."""
+    seen = []
+    model = setup.trainer.model
+    projector = next(m for n, m in model.named_modules() if n.endswith("multi_modal_projector"))
+    handle = projector.register_forward_hook(lambda module, inputs, output: seen.append(output.requires_grad))
+    try:
+        setup.trainer.train()
+    finally:
+        handle.remove()
+    assert seen
+    return any(seen)
+
+
+@pytest.mark.parametrize("reentrant", ["false", "true"])
+def test_frozen_vision_tower_records_no_graph_under_checkpointing(tiny_dir, scenes, tmp_path, reentrant):
+    """SFTTrainer hooks every input embedding for PEFT + checkpointing; a frozen tower must not pay for it."""
+    flags = ["--peft", "lora", "--gradient_checkpointing", "true", "--max_steps", "1",
+             "--gradient_checkpointing_kwargs", f'{{"use_reentrant": {reentrant}}}']
+    frozen = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "frozen", *flags))
+    before = {n: p.detach().clone() for n, p in frozen.trainer.model.named_parameters() if "lora_" in n}
+    assert not _vision_output_requires_grad(frozen)
+    changed = [n for n, p in frozen.trainer.model.named_parameters() if "lora_" in n and not torch.equal(before[n], p)]
+    assert changed  # the text LoRA still learns through the checkpointed layers
+    trained = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "vision", *flags, "--vision_lora", "true"))
+    assert _vision_output_requires_grad(trained)
+
+
+def test_qlora_keeps_the_dtype_of_weights_it_does_not_quantize(tiny_dir):
+    """PEFT's prepare_model_for_kbit_training would cast them all to float32."""
+    from stagereason.modeling import load_model
+    from stagereason.train.runner import _prepare_kbit
+
+    model, _ = load_model(str(tiny_dir), quantization="4bit", dtype="bf16", device_map=None)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert torch.bfloat16 in dtypes.values()
+    _prepare_kbit(model)
+    assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_full_finetuning_changes_every_weight_that_gets_a_gradient(tiny_dir, scenes, tmp_path):
@@ -244,3 +287,44 @@ def test_repeated_ids_are_distinct_rows_not_errors(scenes, tmp_path):
     rid = rows[0]["id"]
     assert [r.id for r in loaded] == [rid, f"{rid}#1", f"{rid}#2"] and report.ok
     assert report.repeated_ids == {rid: 3}
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 400), w=st.integers(1, 400), most=st.integers(1, 4))
+def test_fit_tiles_gives_at_most_the_asked_tiles(h, w, most):
+    """Checked against Mllama's own processor: the real tiles of a fitted image never exceed the cap."""
+    from PIL import Image
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from stagereason.train.data import fit_tiles
+
+    processor = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4)
+    image = Image.new("RGB", (w, h), "red")
+    fitted = fit_tiles(image, 56, most)
+    out = processor(images=[[fitted]], return_tensors="pt")
+    assert out["pixel_values"].shape[2] == 4  # still padded to the model's own tile count
+    assert 1 <= int(out["aspect_ratio_mask"].sum()) <= most
+    fits = any(r * 56 >= h and c * 56 >= w for r in range(1, most + 1) for c in range(1, most + 1) if r * c <= most)
+    assert (fitted is image) == fits  # shrunk only when no canvas of at most `most` tiles holds it
+
+
+def test_max_image_tiles_below_the_models_trains(tiny_dir, tmp_path):
+    """A 2-tile model told to use 1 tile per image: images shrink, inputs keep the model's shape."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 30), "blue").save(data / "images" / "wide.png")  # two tiles of 32px unshrunk
+    row = {"id": "w", "image": "images/wide.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color?"},
+        {"from": "gpt", "value": "<SUMMARY> s </SUMMARY>\n\n<CAPTION> c </CAPTION>\n\n<REASONING> r </REASONING>"
+                                 "\n\n<CONCLUSION> blue </CONCLUSION>"}]}
+    (data / "data.jsonl").write_text("".join(json.dumps({**row, "id": f"w{i}"}) + "\n" for i in range(4)))
+    setup = build_trainer(_cfg(tiny_dir, data, tmp_path / "run", "--max_image_tiles", "1", "--eval_split", "none",
+                               "--max_steps", "1"))
+    batch = setup.trainer.data_collator([setup.trainer.train_dataset[0]])
+    assert batch["aspect_ratio_mask"].sum() == 1 and batch["pixel_values"].shape[2] == 2
+    setup.trainer.train()
+    assert setup.trainer.state.global_step == 1
+    with pytest.raises(ValueError, match="--max_image_tiles 3"):
+        build_trainer(_cfg(tiny_dir, data, tmp_path / "run3", "--max_image_tiles", "3", "--eval_split", "none"))

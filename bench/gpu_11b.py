@@ -1,0 +1,272 @@
+"""The real Llama-3.2-11B-Vision architecture with random weights: QLoRA training and stage beam search on a GPU.
+
+Nothing is downloaded. `build` makes the exact 11B configuration (40 text
+layers with cross-attention at 3, 8, ..., 38; the 32+8-layer 560px vision
+tower; vocabulary 128256 with <|image|> = 128256) with random bf16 weights on
+the GPU and saves it with a processor whose tokenizer (trained in code) has
+Llama-3's special-token ids. `train` runs `stagereason train` on it with
+QLoRA (nf4, LoRA r=16 on the text decoder incl. cross-attention) on rows of
+exactly the requested token length with a 4-tile image each, and reports peak
+reserved GPU memory and steady-state tokens/s. `infer` times stage beam search
+at N=2 and N=4 against plain greedy decoding of the same number of tokens.
+
+    python bench/gpu_11b.py build runs/llama32v-11b-random
+    python bench/gpu_11b.py train runs/llama32v-11b-random [--seq 2048 --batch 2 --lora_r 16] [--json] \
+        [--recipe train/llama32v-11b-qlora.yaml] [any `stagereason train` flag, e.g. --optim paged_adamw_8bit]
+    python bench/gpu_11b.py infer runs/llama32v-11b-random [--max_stage_tokens 64] [--json]
+
+`--arch test` (with `build`) makes the tiny `test` architecture instead, to
+check the code path on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stagereason.console import report
+
+TRACE = ("<SUMMARY> I will count the objects and read the chart. </SUMMARY>\n\n"
+         "<CAPTION> A chart with bars and a few shapes. </CAPTION>\n\n"
+         "<REASONING> {reasoning} </REASONING>\n\n<CONCLUSION> 3 </CONCLUSION>")
+FILLER = "The red circle is left of the blue square, so I count it once more. "
+
+
+def llama32v_11b_config(tokenizer):
+    """The configuration of Llama-3.2-11B-Vision(-Instruct), ids read from ``tokenizer``."""
+    from transformers import MllamaConfig, MllamaTextConfig, MllamaVisionConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    vision = MllamaVisionConfig(
+        hidden_size=1280, num_hidden_layers=32, num_global_layers=8, attention_heads=16, intermediate_size=5120,
+        vision_output_dim=7680, image_size=560, patch_size=14, max_num_tiles=4, norm_eps=1e-5,
+        intermediate_layers_indices=[3, 7, 15, 23, 30],
+        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+    )
+    text = MllamaTextConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+        num_attention_heads=32, num_key_value_heads=8, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+        rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+        bos_token_id=ids("<|begin_of_text|>"), pad_token_id=ids("<|finetune_right_pad_id|>"),
+        eos_token_id=[ids("<|end_of_text|>"), ids("<|eom_id|>"), ids("<|eot_id|>")],
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=ids("<|image|>"))
+
+
+def build(out: Path, arch: str) -> dict:
+    """Save a random model of ``arch`` ("llama32v-11b" or "test") with its processor to ``out``."""
+    from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from stagereason.tiny import CHAT_TEMPLATE, PRESETS, _build_tokenizer, build_tiny_model, open_gates
+
+    if arch == "test":
+        build_tiny_model(out, preset="test", seed=0)
+        return {"arch": arch, "out": str(out)}
+    t0 = time.perf_counter()
+    tokenizer = _build_tokenizer(PRESETS["demo"], seed=0, llama3_ids=True)
+    config = llama32v_11b_config(tokenizer)
+    processor = MllamaProcessor(
+        image_processor=MllamaImageProcessorPil(size={"height": 560, "width": 560}, max_image_tiles=4),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MllamaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    open_gates(model)
+    model.generation_config = GenerationConfig(bos_token_id=config.text_config.bos_token_id,
+                                               eos_token_id=config.text_config.eos_token_id,
+                                               pad_token_id=config.text_config.pad_token_id, do_sample=False)
+    params = sum(p.numel() for p in model.parameters())
+    built = time.perf_counter() - t0
+    model.save_pretrained(out, max_shard_size="5GB")
+    processor.save_pretrained(out)
+    return {"arch": arch, "out": str(out), "parameters": params, "build_s": round(built, 1),
+            "save_s": round(time.perf_counter() - t0 - built, 1)}
+
+
+def _rows(processor, seq: int, n: int, data: Path) -> int:
+    """Write ``n`` rows of exactly ``seq`` tokens or just under (chat template included) with a 4-tile image."""
+    from PIL import Image
+
+    from stagereason.train.templates import training_chat_template
+
+    (data / "images").mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    side = 2 * processor.image_processor.size["height"]  # 2x2 tiles: the most an 11B image gets
+    pixels = torch.randint(0, 256, (side, side, 3), generator=gen, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(data / "images" / "noise.png")
+    template = training_chat_template(processor, "mllama", None)
+    question = "How many red objects are in the image?"
+
+    def reasoning(k: int) -> str:  # k words
+        words = (FILLER * (k // len(FILLER.split()) + 1)).split()
+        return " ".join(words[:k])
+
+    def length(k: int) -> int:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": TRACE.format(reasoning=reasoning(k))}]}]
+        text = processor.apply_chat_template(messages, chat_template=template)
+        return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    lo, hi = 0, 1
+    while length(hi) <= seq:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # the largest word count whose row fits
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if length(mid) <= seq else (lo, mid)
+    gpt = TRACE.format(reasoning=reasoning(lo))
+    with open(data / "data.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"row{i}", "image": "images/noise.png", "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": gpt}]}) + "\n")
+    return length(lo)
+
+
+def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r: int, recipe: str,
+          overrides: list[str]) -> dict:
+    """``stagereason train --config RECIPE`` on ``model_dir``: peak reserved memory and steady-state tokens/s.
+
+    The recipe's settings hold except the model, data, sizes and what makes a
+    short measurement (no evaluation, no checkpoints, one row batch per step);
+    ``overrides`` (``--key value`` pairs) come last.
+    """
+    from transformers import AutoProcessor, TrainerCallback
+
+    from stagereason.config import parse_config
+    from stagereason.train import runner
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = Path(tmp) / "data", Path(tmp) / "run"
+        row_tokens = _rows(AutoProcessor.from_pretrained(model_dir), seq, (steps + warmup) * batch, data)
+        (cfg,) = parse_config((runner.TrainConfig,), [
+            "--config", recipe, "--model_name_or_path", str(model_dir), "--dataset", str(data),
+            "--output_dir", str(out), "--lora_r", str(lora_r), "--lora_alpha", str(2 * lora_r),
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+            "--max_steps", str(steps + warmup), "--max_length", str(seq), "--eval_split", "none",
+            "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none",
+            "--stage_eval_samples", "0", "--dataloader_num_workers", "2", *overrides,
+        ])
+        setup = runner.build_trainer(cfg)
+        timer = StepTimer()
+        setup.trainer.add_callback(timer)
+        weights = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        setup.trainer.train()
+        runtime = time.perf_counter() - t0
+        model = setup.trainer.model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        history = setup.trainer.state.log_history
+    steady = (timer.times[-1] - timer.times[warmup - 1]) / steps
+    result = {
+        "recipe": recipe, "overrides": " ".join(overrides), "seq_tokens_per_row": row_tokens, "batch": batch,
+        "lora_r": lora_r, "optim": cfg.optim, "checkpointing": json.dumps(cfg.gradient_checkpointing_kwargs),
+        "measured_steps": steps,
+        "s_per_step": round(steady, 3), "tokens_per_s": round(batch * row_tokens / steady, 1),
+        "samples_per_s": round(batch / steady, 3), "train_runtime_s": round(runtime, 1),
+        "trainable_params": trainable,
+        "first_loss": next((h["loss"] for h in history if "loss" in h), None),
+        "last_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+    }
+    if torch.cuda.is_available():
+        result.update({"model_loaded_gb": round(weights, 2),
+                       "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                       "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       "gpu": torch.cuda.get_device_name()})
+    return result
+
+
+def infer(model_dir: Path, max_stage_tokens: int, repeats: int) -> dict:
+    """Stage beam search at N=2 and N=4 against plain greedy decoding, bf16 on the GPU."""
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from infer import _best_time, plain_greedy  # bench/infer.py
+    from stagereason.infer.reasoner import Reasoner
+    from stagereason.stages import STAGES
+
+    reasoner = Reasoner.from_pretrained(str(model_dir), max_stage_tokens=max_stage_tokens)
+    model, processor = reasoner.model, reasoner.processor
+    image = Image.new("RGB", (1120, 1120), "white")  # 4 tiles
+    question = "How many red objects are there in the image?"
+
+    def sync(fn):
+        def run():
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        return run
+
+    runs = {"greedy": sync(lambda: plain_greedy(model, processor, image, question, max_stage_tokens * len(STAGES)))}
+    for n in (2, 4):
+        runs[f"stage_n{n}"] = sync(lambda n=n: reasoner.answer(image, question, search="stage", beam_size=n,
+                                                               judge="self", seed=None))
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.no_grad():
+        sync(lambda: plain_greedy(model, processor, image, question, 8))()  # warm-up
+        for _ in range(repeats):  # interleaved, so a slower spell of the machine hits every variant alike
+            for name, fn in runs.items():
+                best[name] = min(best[name], _best_time(fn, 1))
+    greedy = best["greedy"]
+    result = {"max_stage_tokens": max_stage_tokens, "repeats": repeats}
+    for n in (2, 4):
+        result[f"stage_n{n}_s"] = round(best[f"stage_n{n}"], 3)
+        result[f"overhead_vs_greedy_n{n}"] = round(best[f"stage_n{n}"] / greedy, 2)
+    result["greedy_s"] = round(greedy, 3)
+    result["dtype"] = str(next(model.parameters()).dtype)
+    if torch.cuda.is_available():
+        result["gpu"] = torch.cuda.get_device_name()
+        result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("task", choices=("build", "train", "infer"))
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--arch", default="llama32v-11b", choices=("llama32v-11b", "test"))
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="measured steps (after --warmup steps)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--recipe", default="train/llama32v-11b-qlora.yaml")
+    p.add_argument("--max_stage_tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args, overrides = p.parse_known_args()  # unknown flags go to `stagereason train`
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if args.task == "build":
+        result = build(args.model_dir, args.arch)
+    elif args.task == "train":
+        result = train(args.model_dir, args.seq, args.batch, args.steps, args.warmup, args.lora_r, args.recipe,
+                       overrides)
+    else:
+        result = infer(args.model_dir, args.max_stage_tokens, args.repeats)
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report(f"bench/gpu_11b.py {args.task}", result, args.json)
+
+
+if __name__ == "__main__":
+    main()
