@@ -21,6 +21,7 @@ class EvalConfig(SearchOptions):
                                      "conclusion of its trace).")
     image_root: str | None = _f(None, "Folder the rows' image paths are relative to (default: the file's folder).")
     limit: int | None = _f(None, "Evaluate only the first N rows.")
+    batch_size: int = _f(8, "Questions answered together with --search greedy (one batched generate per stage).")
     out: str = _f("runs/eval", "Where predictions.jsonl and report.json go.")
     force: bool = _f(False, "Replace an existing predictions.jsonl / report.json in --out.")
     progress: bool = _f(True, "Show a progress bar.")
@@ -64,27 +65,33 @@ def run_eval(cfg: EvalConfig) -> dict:
                         disable=not cfg.progress)
     with progress:
         task = progress.add_task("eval", total=len(rows), acc=0.0)
-        for i, row in enumerate(rows):
-            image = source(row.images[0]) if row.images else None
+        step = cfg.batch_size if cfg.search == "greedy" and cfg.batch_size > 1 else 1
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            items = [(source(row.images[0]) if row.images else None, row.question) for row in chunk]
             t0 = time.perf_counter()
-            res = reasoner.answer(image, row.question, search=cfg.search, beam_size=cfg.beam_size,
-                                  judge=cfg.judge, seed=cfg.seed + i)
-            latency = time.perf_counter() - t0
-            correct = bool(row.answer) and answers_match(res.trace.conclusion, row.answer)
-            key = row.family or "all"
-            fam[key]["n"] += 1
-            fam[key]["correct"] += correct
-            preds.append({"id": row.id, "question": row.question, "answer": row.answer,
-                          "prediction": res.answer, "correct": correct, "format_ok": _strict_ok(res.text),
-                          "tokens": res.usage["total_tokens"], "latency_s": round(latency, 4),
-                          "family": row.family, "text": res.text})
-            progress.update(task, advance=1, acc=sum(p["correct"] for p in preds) / len(preds))
+            if step > 1:
+                results = reasoner.answer_batch(items, search="greedy", batch_size=step)
+            else:
+                results = [reasoner.answer(items[0][0], items[0][1], search=cfg.search, beam_size=cfg.beam_size,
+                                           judge=cfg.judge, seed=cfg.seed + start)]
+            latency = (time.perf_counter() - t0) / len(chunk)  # a batch's wall time, shared by its questions
+            for row, res in zip(chunk, results, strict=True):
+                correct = bool(row.answer) and answers_match(res.trace.conclusion, row.answer)
+                key = row.family or "all"
+                fam[key]["n"] += 1
+                fam[key]["correct"] += correct
+                preds.append({"id": row.id, "question": row.question, "answer": row.answer,
+                              "prediction": res.answer, "correct": correct, "format_ok": _strict_ok(res.text),
+                              "tokens": res.usage["total_tokens"], "latency_s": round(latency, 4),
+                              "family": row.family, "text": res.text})
+            progress.update(task, advance=len(chunk), acc=sum(p["correct"] for p in preds) / len(preds))
     n = len(preds)
     result = {
         "n": n, "accuracy": sum(p["correct"] for p in preds) / n,
         "format_rate": sum(p["format_ok"] for p in preds) / n,
         "mean_tokens": sum(p["tokens"] for p in preds) / n, "mean_latency_s": sum(p["latency_s"] for p in preds) / n,
-        "search": cfg.search, "beam_size": cfg.beam_size, "judge": cfg.judge, "model": cfg.model,
+        "search": cfg.search, "beam_size": cfg.beam_size, "judge": cfg.judge, "batch_size": step, "model": cfg.model,
         "adapter": cfg.adapter, "data": cfg.data,
         "families": {k: {**v, "accuracy": v["correct"] / v["n"]} for k, v in sorted(fam.items())},
     }

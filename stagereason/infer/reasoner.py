@@ -144,6 +144,38 @@ class Reasoner:
                  "judge": judge if isinstance(judge, str) else getattr(judge, "__name__", "callable")}
         return ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage)
 
-    def answer_batch(self, items: list[tuple[Any, str]], **kwargs) -> list[ReasoningResult]:
-        """``answer`` for each ``(image, question)``; same options for all."""
-        return [self.answer(image, question, **kwargs) for image, question in items]
+    def answer_batch(self, items: list[tuple[Any, str]], *, batch_size: int = 8, **kwargs) -> list[ReasoningResult]:
+        """``answer`` for each ``(image, question)``; same options for all.
+
+        ``search="greedy"`` runs ``batch_size`` questions at a time, each stage
+        one batched ``generate`` (same answers as one at a time); the other
+        strategies batch within a question (candidates, judge comparisons) and
+        take the questions in turn.
+        """
+        if kwargs.get("search", "stage") != "greedy" or len(items) < 2 or batch_size < 2:
+            return [self.answer(image, question, **kwargs) for image, question in items]
+        from stagereason.infer.search import run_greedy_batch
+
+        unknown = set(kwargs) - {"search", "beam_size", "judge", "seed", "max_stage_tokens", "temperature"}
+        if unknown:
+            raise TypeError(f"answer_batch() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        prepared = []
+        for k, (image, question) in enumerate(items):
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"item {k}: the question is empty")
+            prepared.append(([] if image is None else [load_image(image)], question.strip()))
+        results = []
+        for start in range(0, len(prepared), batch_size):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                outs = run_greedy_batch(self.model, self.processor, prepared[start:start + batch_size],
+                                        max_stage_tokens=kwargs.get("max_stage_tokens") or self.max_stage_tokens)
+            seconds = (time.perf_counter() - t0) / len(outs)
+            for trace, raw, log, encode_s in outs:
+                per_stage = {e["stage"]: {"tokens": e["rounds"][0]["tokens"], "seconds": e["rounds"][0]["seconds"]}
+                             for e in log}
+                usage = {"per_stage": per_stage, "encode_seconds": round(encode_s, 4),
+                         "total_tokens": sum(v["tokens"] for v in per_stage.values()), "seconds": round(seconds, 4),
+                         "search": "greedy", "beam_size": 1, "judge": None, "batched": len(outs)}
+                results.append(ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage))
+        return results

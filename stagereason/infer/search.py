@@ -147,3 +147,98 @@ def run_search(model, processor, images: list, question: str, *, search: str = "
     log = _by_stage(prefix, n, opts, judge_, sentences=search == "sentence")
     raw = prefix.text
     return _repair(raw), raw, log, encode_s
+
+
+class _Row:
+    """One question's answer so far, as token ids: the batched path's stand-in for ``Prefix``."""
+
+    def __init__(self, tok, inputs: dict):
+        self.tok, self.inputs, self.new = tok, inputs, []
+
+    @property
+    def text(self) -> str:
+        return self.tok.decode(self.new, skip_special_tokens=False)
+
+    def extend(self, ids) -> None:
+        self.new += list(ids)
+
+
+def _left_padded(rows: list[_Row], pad_id: int) -> dict:
+    """One batch of the rows' prompts plus answers so far, left-padded; Mllama's image inputs stacked."""
+    import torch
+
+    seqs = [torch.cat([r.inputs["input_ids"][0], torch.tensor(r.new, dtype=torch.long,
+                                                              device=r.inputs["input_ids"].device)]) for r in rows]
+    length = max(len(s) for s in seqs)
+    pad = [length - len(s) for s in seqs]
+    pairs = list(zip(seqs, pad, strict=True))
+    batch = {"input_ids": torch.stack([torch.cat([s.new_full((p,), pad_id), s]) for s, p in pairs]),
+             "attention_mask": torch.stack([torch.cat([s.new_zeros(p), s.new_ones(len(s))]) for s, p in pairs])}
+    first = rows[0].inputs
+    if "pixel_values" in first:
+        for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+            batch[key] = torch.cat([r.inputs[key] for r in rows])
+        masks = []
+        for r, s, p in zip(rows, seqs, pad, strict=True):
+            m = r.inputs["cross_attention_mask"][0]  # (prompt, images, tiles): answer tokens see what the last saw
+            m = torch.cat([m, m[-1:].expand(len(s) - m.shape[0], -1, -1)])
+            masks.append(torch.cat([m.new_zeros((p, *m.shape[1:])), m]))
+        batch["cross_attention_mask"] = torch.stack(masks)
+    return batch
+
+
+def run_greedy_batch(model, processor, items: list[tuple[list, str]], *, max_stage_tokens: int = 256
+                     ) -> list[tuple[StagedTrace, str, list[dict], float]]:
+    """``search="greedy"`` for many questions at once: each stage is one batched ``generate`` over all of them.
+
+    Same forced opening tags, token-level stop at the closing tag, cap and
+    closing as ``run_search``; the rows' token ids are kept (never re-tokenized
+    from text), so the answers are those of answering one question at a time.
+    Items with and without images go in separate batches. The prompt and
+    answer so far are encoded again at each stage (the single-question path
+    keeps a cache instead); decoding, where the time goes, is batched.
+    """
+    import torch
+
+    from stagereason.infer.generate import _eos_ids, float_dtype, user_message
+
+    tok = processor.tokenizer
+    dtype, eos = float_dtype(model), set(_eos_ids(model))
+    t0 = time.perf_counter()
+    rows = []
+    for images, question in items:
+        text = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
+        inputs = processor(images=[images] if images else None, text=[text], add_special_tokens=False,
+                           return_tensors="pt").to(model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        rows.append(_Row(tok, dict(inputs)))
+    encode_s = (time.perf_counter() - t0) / max(len(items), 1)
+    logs: list[list[dict]] = [[] for _ in rows]
+    groups = [[i for i, (imgs, _) in enumerate(items) if bool(imgs) == has] for has in (True, False)]
+    with torch.no_grad():
+        for stage in STAGES:
+            for group in (g for g in groups if g):
+                batch_rows = [rows[i] for i in group]
+                for r in batch_rows:
+                    _force(r, _opening(r, stage))
+                starts = [len(r.text) for r in batch_rows]
+                batch = _left_padded(batch_rows, tok.pad_token_id)
+                t1 = time.perf_counter()
+                out = model.generate(**batch, max_new_tokens=max_stage_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, stop_strings=[close_tag(stage)], tokenizer=tok,
+                                     pad_token_id=tok.pad_token_id)
+                seconds = (time.perf_counter() - t1) / len(group)
+                for i, r, start, toks in zip(group, batch_rows, starts,
+                                             out[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
+                    end = next((k for k, t in enumerate(toks) if t == tok.pad_token_id or t in eos), len(toks))
+                    r.extend(toks[:end])
+                    text = tok.decode(toks[:end], skip_special_tokens=True)
+                    closed = close_tag(stage) in r.text[start:]
+                    if not closed:
+                        _force(r, " " + close_tag(stage))
+                    logs[i].append({"stage": stage, "capped": not closed, "rounds": [{
+                        "candidates": [{"text": text, "tokens": end, "reached_stop": close_tag(stage) in text}],
+                        "comparisons": [], "scores": None, "winner": 0, "tokens": end,
+                        "seconds": round(seconds, 4), "batched": len(group)}]})
+    return [(_repair(r.text), r.text, log, encode_s) for r, log in zip(rows, logs, strict=True)]

@@ -203,3 +203,34 @@ def test_eval_reports_and_refuses_to_overwrite(tiny_dir, tmp_path, capsys):
     assert len(preds) == 3 and {"id", "prediction", "correct", "latency_s"} <= set(json.loads(preds[0]))
     assert main(args) == 1
     assert "pass --force" in capsys.readouterr().err
+
+
+def test_answer_batch_greedy_equals_one_at_a_time(tiny_dir, tmp_path):
+    """Questions of different lengths, images of different tile counts and one text-only question, batched
+    three at a time: every answer is the one-at-a-time answer, token for token."""
+    r = Reasoner.from_pretrained(tiny_dir, max_stage_tokens=16)
+    colors = ["red", "blue", "green", "white", "black"]
+    items = [(Image.new("RGB", (30 + 11 * i, 20 + 9 * i), c), "How many red objects? " * (i + 1))
+             for i, c in enumerate(colors)] + [(None, "What is two plus two?")]
+    one = [r.answer(im, q, search="greedy") for im, q in items]
+    many = r.answer_batch(items, search="greedy", batch_size=3)
+    assert [m.text for m in many] == [o.text for o in one]
+    assert [m.trace for m in many] == [o.trace for o in one]
+    assert all(m.usage["batched"] in (1, 2, 3) and m.usage["total_tokens"] > 0 for m in many)
+    assert [e["capped"] for e in many[0].search_log] == [e["capped"] for e in one[0].search_log]
+    with pytest.raises(ValueError, match="item 1: the question is empty"):
+        r.answer_batch([(None, "ok"), (None, " ")], search="greedy")
+
+
+def test_eval_batches_greedy_questions_with_the_same_predictions(tiny_dir, tmp_path, capsys):
+    assert main(["gen", "--out", str(tmp_path / "data"), "--n", "5", "--no_progress"]) == 0
+    preds = {}
+    for bs in (1, 4):
+        out = tmp_path / f"ev{bs}"
+        assert main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "data"), "--search", "greedy",
+                     "--max_stage_tokens", "12", "--batch_size", str(bs), "--out", str(out), "--no_progress",
+                     "--json"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["batch_size"] == bs and report["n"] == 5
+        preds[bs] = [(p["id"], p["text"]) for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())]
+    assert preds[1] == preds[4]
