@@ -50,22 +50,60 @@ class SelfJudge:
 
     @torch.no_grad()
     def __call__(self, prefix, question: str, stage: str, pairs: list[tuple[str, str]]) -> list[float]:
-        """P(first is better) for each pair, averaged over both orders."""
+        """P(first is better) for each pair, averaged over both orders.
+
+        All prompts of the call share their opening (template, image, question,
+        answer so far): it is run once, its cache copied to every prompt, and
+        only each prompt's own tokens are run after it, in one batch.
+        """
         self._prefix_images = bool(prefix.images)
         texts = [self._prompt(question, prefix.text, stage, a, b) for a, b in pairs]
         texts += [self._prompt(question, prefix.text, stage, b, a) for a, b in pairs]
-        images = [prefix.images] * len(texts) if prefix.images else None
-        inputs = self.processor(images=images, text=texts, padding=True, padding_side="left",
-                                add_special_tokens=False, return_tensors="pt").to(self.model.device)
+        tok = self.processor.tokenizer
+        seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
+        shared = 0
+        while shared < min(len(x) for x in seqs) - 1 and len({x[shared] for x in seqs}) == 1:
+            shared += 1  # every prompt keeps at least its last token of its own
+        if shared == 0:
+            raise ValueError("the judge prompts share no opening token; the chat template must start them alike")
+        device, rows = self.model.device, len(seqs)
+        xmask = self._cross_mask(prefix, seqs[0])
         kwargs = {}
-        if prefix.xstates is not None:
-            kwargs["cross_attention_states"] = prefix.xstates.repeat(len(texts), 1, 1)
-            kwargs["cross_attention_mask"] = inputs["cross_attention_mask"]
-        logits = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            logits_to_keep=1, **kwargs).logits[:, -1].float()
+        if xmask is not None:
+            kwargs = {"cross_attention_states": prefix.xstates, "cross_attention_mask": xmask[:, :shared]}
+        head = torch.tensor([seqs[0][:shared]], device=device)
+        cache = self.model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True,
+                           logits_to_keep=1, **kwargs).past_key_values
+        cache.batch_repeat_interleave(rows)
+        tails = [x[shared:] for x in seqs]
+        width = max(len(t) for t in tails)
+        ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in tails], device=device)
+        last = [len(t) - 1 for t in tails]  # right padding: no real token ever attends to a pad
+        keep = sorted(set(last))
+        kwargs = {}
+        if xmask is not None:
+            pattern = xmask[:, -1:]  # every judge token comes after the image
+            kwargs["cross_attention_mask"] = pattern.expand(rows, shared + width, -1, -1)
+        logits = self.model(input_ids=ids, attention_mask=torch.ones(rows, shared + width, dtype=torch.long,
+                                                                     device=device),
+                            past_key_values=cache, use_cache=True,
+                            logits_to_keep=torch.tensor(keep, device=device), **kwargs).logits
+        logits = logits[torch.arange(rows, device=device), [keep.index(k) for k in last]].float()
         two = logits[:, self.label_ids].softmax(-1)[:, 0]  # P("1")
         n = len(pairs)
         return [((two[i] + (1 - two[n + i])) / 2).item() for i in range(n)]
+
+    def _cross_mask(self, prefix, ids: list[int]):
+        """Mllama's cross-attention mask for a judge prompt: from its image token on, the prefix image's tiles."""
+        if prefix.xstates is None or prefix.xmask is None:
+            return None
+        image_id = getattr(self.processor, "image_token_id", None)
+        if image_id is None:
+            image_id = self.processor.tokenizer.convert_tokens_to_ids("<|image|>")
+        first = ids.index(image_id)
+        pattern = prefix.xmask[:, -1:]  # (1, 1, images, tiles)
+        seen = (torch.arange(len(ids), device=pattern.device) >= first).to(pattern.dtype)
+        return seen[None, :, None, None] * pattern
 
 
 def knockout(candidates: list[str], compare: Callable[[list[tuple[str, str]]], list[float]] | None,
