@@ -83,6 +83,12 @@ class TrainConfig(SFTConfig):
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing_kwargs, str):
             self.gradient_checkpointing_kwargs = json.loads(self.gradient_checkpointing_kwargs)
+        # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; both names work here,
+        # the new one winning, without the deprecation warning that SFTConfig's own default would raise
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new, None) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         if not torch.cuda.is_available():
             self.bf16, self.fp16 = False, False  # fp32 on the CPU
         super().__post_init__()

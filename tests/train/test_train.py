@@ -328,3 +328,17 @@ def test_max_image_tiles_below_the_models_trains(tiny_dir, tmp_path):
     assert setup.trainer.state.global_step == 1
     with pytest.raises(ValueError, match="--max_image_tiles 3"):
         build_trainer(_cfg(tiny_dir, data, tmp_path / "run3", "--max_image_tiles", "3", "--eval_split", "none"))
+
+
+@pytest.mark.parametrize("flags,on,reentrant", [
+    ([], True, False), (["--gradient_checkpointing", "false"], False, False),
+    (["--activation_checkpointing", "false"], False, False),
+    (["--gradient_checkpointing_kwargs", '{"use_reentrant": true}'], True, True)])
+def test_checkpointing_flags_both_names_without_deprecation_warnings(flags, on, reentrant):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated")
+        (cfg,) = parse_config((TrainConfig,), ["--output_dir", "unused", *flags])
+    assert cfg.activation_checkpointing is on and cfg.gradient_checkpointing is on
+    assert cfg.activation_checkpointing_kwargs["use_reentrant"] is reentrant
