@@ -229,7 +229,7 @@ def _dataset_summary(rows: list[Row], kept: list[Row], eval_rows: list[Row], rep
     steps = cfg.max_steps if cfg.max_steps > 0 else int(np.ceil(len(kept) / per_step) * cfg.num_train_epochs)
     return {
         "rows": report.rows, "invalid_dropped": len(report.problems), "train_rows": len(kept),
-        "eval_rows": len(eval_rows), "too_long_dropped": len(rows) - len(kept),
+        "eval_rows": len(eval_rows), "too_long_dropped": len(rows) - len(kept) - len(eval_rows),
         "images": sum(len(r.images) for r in rows),
         "tokens_p50": int(np.percentile(lens, 50)), "tokens_p95": int(np.percentile(lens, 95)),
         "tokens_max": int(lens.max()), "max_length": cfg.max_length, "estimated_steps": steps,

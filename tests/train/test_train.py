@@ -233,6 +233,12 @@ def test_skip_invalid_and_over_long_rows_are_dropped_and_counted(tiny_dir, scene
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["invalid_dropped"] == 1 and summary["too_long_dropped"] == 1
     assert summary["train_rows"] == 22 and summary["tokens_max"] > 400
+    # held-out rows are neither training rows nor dropped ones
+    assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(data), "--dry_run",
+                 "--skip_invalid", "--max_length", "400", "--eval_split", "4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["too_long_dropped"] == 1
+    assert summary["train_rows"] + summary["eval_rows"] == 22
 
 
 def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, scenes, tmp_path):
