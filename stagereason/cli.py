@@ -16,81 +16,51 @@ __all__ = ["main", "VERBS"]
 @dataclass(frozen=True)
 class Verb:
     help: str
-    configs: Callable[[], tuple[type, ...]] | None = None  # lazy: keeps `--help` fast
-    run: Callable[[], Callable] | None = None
+    target: str | None = None  # "module:ConfigClass:run_function", imported only when the verb runs
     positionals: tuple[str, ...] = ()
 
+    def _load(self):
+        import importlib
 
-def _tiny():
-    from stagereason import tiny
+        module, config, run = self.target.split(":")
+        mod = importlib.import_module(module)
+        return getattr(mod, config), getattr(mod, run)
 
-    return tiny
+    def configs(self) -> tuple[type, ...]:
+        return (self._load()[0],)
 
-
-def _validate():
-    from stagereason.data_gen import validate
-
-    return validate
-
-
-def _train():
-    from stagereason.train import runner
-
-    return runner
-
-
-def _infer():
-    from stagereason.infer import run
-
-    return run
-
-
-def _eval():
-    from stagereason.infer import evaluate
-
-    return evaluate
-
-
-def _export():
-    from stagereason import export
-
-    return export
-
-
-def _gen():
-    from stagereason.data_gen import runner
-
-    return runner
+    def run(self) -> Callable:
+        return self._load()[1]
 
 
 VERBS: dict[str, Verb] = {
     "tiny-model": Verb(
         "Build a random tiny Mllama (real architecture and token layout) offline, for tests and the CPU demo.",
-        configs=lambda: (_tiny().TinyModelConfig,), run=lambda: _tiny().run_tiny_model, positionals=("out_dir",),
+        "stagereason.tiny:TinyModelConfig:run_tiny_model", positionals=("out_dir",),
     ),
     "gen": Verb(
         "Generate verified four-stage traces from a VQA source through a teacher, or from procedural scenes.",
-        configs=lambda: (_gen().GenConfig,), run=lambda: _gen().run_gen,
+        "stagereason.data_gen.runner:GenConfig:run_gen",
     ),
     "validate": Verb(
         "Check a data.jsonl or gen output dir: lines, roles, placeholders, images, stage format.",
-        configs=lambda: (_validate().ValidateConfig,), run=lambda: _validate().run_validate, positionals=("path",),
+        "stagereason.data_gen.validate:ValidateConfig:run_validate", positionals=("path",),
     ),
     "train": Verb(
         "Fine-tune a VLM on staged traces with TRL's SFTTrainer: QLoRA (default), LoRA or full fine-tuning.",
-        configs=lambda: (_train().TrainConfig,), run=lambda: _train().run_train,
+        "stagereason.train.runner:TrainConfig:run_train",
     ),
     "infer": Verb(
         "Answer a question about an image in four stages, with stage-level beam search (or another search).",
-        configs=lambda: (_infer().InferConfig,), run=lambda: _infer().run_infer,
+        "stagereason.infer.run:InferConfig:run_infer",
     ),
     "eval": Verb(
         "Accuracy, format rate, tokens and latency of a model and search over a dataset.",
-        configs=lambda: (_eval().EvalConfig,), run=lambda: _eval().run_eval,
+        "stagereason.infer.evaluate:EvalConfig:run_eval",
     ),
     "export": Verb(
         "Merge a train run's adapter into full-precision weights (or convert a full fine-tune), verified, atomic.",
-        configs=lambda: (_export().ExportConfig,), run=lambda: _export().run_export,
+        "stagereason.export:ExportConfig:run_export",
     ),
 }
 
@@ -99,7 +69,7 @@ def _usage() -> str:
     width = max(len(v) for v in VERBS)
     lines = ["usage: stagereason VERB [options]   (stagereason VERB --help for a verb's options)", "", "verbs:"]
     for name, verb in VERBS.items():
-        note = "" if verb.run else "  [not available yet]"
+        note = "" if verb.target else "  [not available yet]"
         lines.append(f"  {name:<{width}}  {verb.help}{note}")
     return "\n".join(lines)
 
@@ -130,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"stagereason: unknown verb {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if verb.run is None:
+    if verb.target is None:
         print(f"stagereason {name}: not available yet in this version of stagereason.", file=sys.stderr)
         return 2
     _setup_logging()
