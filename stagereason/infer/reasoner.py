@@ -124,24 +124,18 @@ class Reasoner:
         """
         from stagereason.infer.search import run_search
 
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question is empty")
-        images = [] if image is None else [load_image(image)]
+        images, question = _prepared(image, question)
         if seed is not None:
             random.seed(seed)
             torch.manual_seed(seed)
         t0 = time.perf_counter()
         with torch.no_grad():
             trace, raw, log, encode_s = run_search(
-                self.model, self.processor, images, question.strip(), search=search, beam_size=beam_size,
+                self.model, self.processor, images, question, search=search, beam_size=beam_size,
                 judge=judge, max_stage_tokens=max_stage_tokens or self.max_stage_tokens,
                 temperature=self.temperature if temperature is None else temperature, top_p=self.top_p)
-        per_stage = {e["stage"]: {"tokens": sum(r["tokens"] for r in e["rounds"]),
-                                  "seconds": round(sum(r["seconds"] for r in e["rounds"]), 4)} for e in log}
-        usage = {"per_stage": per_stage, "encode_seconds": round(encode_s, 4),
-                 "total_tokens": sum(v["tokens"] for v in per_stage.values()),
-                 "seconds": round(time.perf_counter() - t0, 4), "search": search, "beam_size": beam_size,
-                 "judge": judge if isinstance(judge, str) else getattr(judge, "__name__", "callable")}
+        usage = _usage(log, encode_s, time.perf_counter() - t0, search=search, beam_size=beam_size,
+                       judge=judge if isinstance(judge, str) else getattr(judge, "__name__", "callable"))
         return ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage)
 
     def answer_batch(self, items: list[tuple[Any, str]], *, batch_size: int = 8, **kwargs) -> list[ReasoningResult]:
@@ -161,9 +155,10 @@ class Reasoner:
             raise TypeError(f"answer_batch() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
         prepared = []
         for k, (image, question) in enumerate(items):
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"item {k}: the question is empty")
-            prepared.append(([] if image is None else [load_image(image)], question.strip()))
+            try:
+                prepared.append(_prepared(image, question))
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"item {k}: {err}") from err
         results = []
         for start in range(0, len(prepared), batch_size):
             t0 = time.perf_counter()
@@ -172,10 +167,21 @@ class Reasoner:
                                         max_stage_tokens=kwargs.get("max_stage_tokens") or self.max_stage_tokens)
             seconds = (time.perf_counter() - t0) / len(outs)
             for trace, raw, log, encode_s in outs:
-                per_stage = {e["stage"]: {"tokens": e["rounds"][0]["tokens"], "seconds": e["rounds"][0]["seconds"]}
-                             for e in log}
-                usage = {"per_stage": per_stage, "encode_seconds": round(encode_s, 4),
-                         "total_tokens": sum(v["tokens"] for v in per_stage.values()), "seconds": round(seconds, 4),
-                         "search": "greedy", "beam_size": 1, "judge": None, "batched": len(outs)}
+                usage = _usage(log, encode_s, seconds, search="greedy", beam_size=1, judge=None, batched=len(outs))
                 results.append(ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage))
         return results
+
+
+def _prepared(image: Any, question: str) -> tuple[list, str]:
+    """The checked question and the opened image list (empty for text only)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty")
+    return ([] if image is None else [load_image(image)]), question.strip()
+
+
+def _usage(log: list[dict], encode_s: float, seconds: float, **info) -> dict:
+    """Tokens and seconds per stage (summed over its rounds) and in all, plus what ran."""
+    per_stage = {e["stage"]: {"tokens": sum(r["tokens"] for r in e["rounds"]),
+                              "seconds": round(sum(r["seconds"] for r in e["rounds"]), 4)} for e in log}
+    return {"per_stage": per_stage, "encode_seconds": round(encode_s, 4),
+            "total_tokens": sum(v["tokens"] for v in per_stage.values()), "seconds": round(seconds, 4), **info}
