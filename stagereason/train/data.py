@@ -76,11 +76,18 @@ def _answer(rec: dict) -> str | None:
         return None
 
 
+_HF_TAGS = ("hf", "hfeval")  # image references into the training / a separate eval HF dataset
+
+
+def _is_hf_ref(ref) -> bool:
+    return isinstance(ref, str) and ref.count(":") == 2 and ref.split(":")[0] in _HF_TAGS
+
+
 def _row(rec: dict, rid: str, root: Path | None) -> Row:
     image = rec.get("image")
     images = [] if image is None else image if isinstance(image, list) else [image]
     if root is not None:
-        images = [str(root / p) if isinstance(p, str) and not p.startswith("hf:") else p for p in images]
+        images = [str(root / p) if isinstance(p, str) and not _is_hf_ref(p) else p for p in images]
     question = next((re.sub(r"\s*<image>\s*", " ", t["value"]).strip() for t in reversed(rec["conversations"])
                      if t.get("from") in ("human", "user")), "")
     return Row(id=rid, messages=to_messages(rec, len(images)), images=images, answer=_answer(rec),
@@ -102,40 +109,49 @@ def _hf_records(name: str):
 
 
 class ImageSource:
-    """Resolves a row's image reference: a file path, or ``hf:ROW:K`` into a HF dataset (decoded on demand)."""
+    """Resolves a row's image reference: a file path, or ``TAG:ROW:K`` into a HF dataset (decoded on demand).
 
-    def __init__(self, hf_dataset=None):
-        self.hf_dataset = hf_dataset
+    Each HF dataset gets its own tag (``hf`` for the training data), so rows
+    of a separate eval dataset resolve into their own images.
+    """
+
+    def __init__(self, datasets: dict | None = None):
+        self.datasets = {tag: ds.select_columns(["image"]) for tag, ds in (datasets or {}).items()}
+
+    def update(self, other: ImageSource) -> None:
+        self.datasets.update(other.datasets)
 
     def __call__(self, ref):
-        if isinstance(ref, str) and ref.startswith("hf:") and self.hf_dataset is not None:
-            _, row, k = ref.split(":")
-            image = self.hf_dataset[int(row)]["image"]
+        if _is_hf_ref(ref) and ref.split(":")[0] in self.datasets:
+            tag, row, k = ref.split(":")
+            image = self.datasets[tag][int(row)]["image"]
             return image[int(k)] if isinstance(image, list) else image
         return ref
 
 
-def _hf_meta(ds):
-    """Rows of a HF dataset without decoding its images; Image-feature cells become ``hf:ROW:K`` references."""
+def _hf_meta(ds, tag: str = "hf"):
+    """Rows of a HF dataset without reading its images; Image-feature cells become ``TAG:ROW:K`` references."""
     import datasets
+    import pyarrow.compute as pc
 
     feature = ds.features.get("image")
     inner = getattr(feature, "feature", None)
     if not (isinstance(feature, datasets.Image) or isinstance(inner, datasets.Image)):
         yield from enumerate(ds)
         return
-    column = ds.data.column("image").to_pylist() if not isinstance(feature, datasets.Image) else None
-    nulls = ds.data.column("image").is_null().to_pylist() if column is None else None
+    column = ds.data.column("image")
+    if isinstance(feature, datasets.Image):
+        counts = [0 if null else -1 for null in column.is_null().to_pylist()]  # -1: one image, not a list
+    else:  # list lengths from the arrow offsets: the image bytes are never read
+        counts = [n or 0 for n in pc.list_value_length(column).to_pylist()]
     for i, rec in enumerate(ds.remove_columns(["image"])):
-        if column is None:
-            rec["image"] = None if nulls[i] else f"hf:{i}:0"
-        else:
-            rec["image"] = [f"hf:{i}:{k}" for k in range(len(column[i] or []))]
+        n = counts[i]
+        rec["image"] = (f"{tag}:{i}:0" if n == -1 else None) if n <= 0 else [f"{tag}:{i}:{k}" for k in range(n)]
         yield i, rec
 
 
 def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool = False,
-              check_images: bool = True) -> tuple[list[Row], ValidationReport, ImageSource]:
+              check_images: bool = True, tag: str = "hf") -> tuple[list[Row], ValidationReport, ImageSource]:
     """Load and validate a dataset; fail fast on bad rows unless ``skip_invalid``.
 
     Returns:
@@ -159,17 +175,21 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
             records = [(str(r.get("id", f"line {n}")), r) for n, r, _ in iter_jsonl(data, strict=False) if r]
     else:
         ds = _hf_records(dataset)
-        source = ImageSource(ds)
+        source = ImageSource({tag: ds}) if "image" in ds.column_names else ImageSource()
         root = Path(image_root) if image_root else None
         report = ValidationReport(path=str(dataset))
         records = []
-        for i, rec in _hf_meta(ds):
+        named: dict[str, int] = {}
+        for i, rec in _hf_meta(ds, tag):
             rid = str(rec.get("id", i))
+            n = named.get(rid, 0)
+            named[rid] = n + 1
+            rid = rid if n == 0 else f"{rid}#{n}"  # named before the checks, as below, so problems match rows
             report.rows += 1
             paths = check_row(rec, rid, root or Path("."), report)
             if check_images and root is not None:
                 for p in paths:
-                    if not str(p.name).startswith("hf:") and not p.is_file():
+                    if not _is_hf_ref(p.name) and not p.is_file():
                         report.add(rid, "image", f"missing image {p}")
             records.append((rid, rec))
     bad = set(report.problems)
@@ -189,14 +209,20 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
     return rows, report, source
 
 
-def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image_root: str | None = None):
-    """``eval_split`` is a fraction (``0.05``), a row count (``200``), a dataset path, or empty for none."""
+def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image_root: str | None = None,
+               source: ImageSource | None = None):
+    """``eval_split`` is a fraction (``0.05``), a row count (``200``), a dataset path, or empty for none.
+
+    A separate eval dataset's images are added to ``source`` (under their own tag).
+    """
     if eval_split in (None, "", "0", 0, "none"):
         return rows, []
     try:
         frac = float(eval_split)
     except (TypeError, ValueError):
-        eval_rows, _, _ = load_rows(str(eval_split), image_root)
+        eval_rows, _, eval_source = load_rows(str(eval_split), image_root, tag="hfeval")
+        if source is not None:
+            source.update(eval_source)
         return rows, eval_rows
     n = int(round(frac * len(rows))) if frac < 1 else int(frac)
     if not 0 < n < len(rows):

@@ -196,9 +196,16 @@ def last_complete_checkpoint(out: Path) -> str | None:
     return None
 
 
-def _prepare_output_dir(cfg: TrainConfig) -> str | None:
-    """Refuse a non-empty output dir unless resuming or overwriting; return the checkpoint to resume from."""
+def _prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
+    """Refuse a non-empty output dir unless resuming or overwriting.
+
+    Returns ``(checkpoint to resume from, whether the old contents must go)``;
+    nothing is removed here: ``build_trainer`` clears the dir only once the
+    data and the model have loaded, so a failing run never costs the old one.
+    """
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file; choose another --output_dir")
     resume = cfg.resume_from_checkpoint
     if resume == "auto":
         resume = last_complete_checkpoint(out) if out.is_dir() else None
@@ -208,11 +215,12 @@ def _prepare_output_dir(cfg: TrainConfig) -> str | None:
         raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist")
     if out.is_dir() and any(out.iterdir()) and resume is None and not cfg.dry_run:
         if not cfg.overwrite_output_dir:
-            raise FileExistsError(f"output_dir {out} is not empty; pass --resume_from_checkpoint auto to resume, "
-                                  "--overwrite_output_dir to replace it, or choose another --output_dir")
-        logger.warning("removing the previous contents of %s (--overwrite_output_dir)", out)
-        shutil.rmtree(out)
-    return resume
+            how = ("it holds no complete checkpoint to resume from" if cfg.resume_from_checkpoint == "auto"
+                   else "pass --resume_from_checkpoint auto to resume")
+            raise FileExistsError(f"output_dir {out} is not empty; {how}; pass --overwrite_output_dir to replace "
+                                  "it, or choose another --output_dir")
+        return resume, True
+    return resume, False
 
 
 def _token_lengths(rows: list[Row], processor, template: str) -> None:
@@ -385,9 +393,9 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     from stagereason.train.collate import StageCollator
     from stagereason.train.templates import training_chat_template
 
-    resume = _prepare_output_dir(cfg)
+    resume, clear = _prepare_output_dir(cfg)
     rows, rep, source = load_rows(cfg.dataset, cfg.image_root, skip_invalid=cfg.skip_invalid)
-    train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root, source)
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     most = getattr(getattr(model_config, "vision_config", None), "max_num_tiles", None)
     if cfg.max_image_tiles is not None and most is not None and not 1 <= cfg.max_image_tiles <= most:
@@ -408,6 +416,9 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
     model, processor = _load(cfg)
+    if clear:  # data and model are in hand: only now does the previous run go
+        logger.warning("removing the previous contents of %s (--overwrite_output_dir)", cfg.output_dir)
+        shutil.rmtree(cfg.output_dir)
     tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
     most = getattr(processor.image_processor, "max_image_tiles", None)
     max_side = cfg.max_image_side or tile * (most or 4)

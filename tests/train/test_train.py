@@ -348,3 +348,53 @@ def test_checkpointing_flags_both_names_without_deprecation_warnings(flags, on, 
         (cfg,) = parse_config((TrainConfig,), ["--output_dir", "unused", *flags])
     assert cfg.activation_checkpointing is on and cfg.gradient_checkpointing is on
     assert cfg.activation_checkpointing_kwargs["use_reentrant"] is reentrant
+
+
+def _hf_dir(path, rows):
+    """A save_to_disk dataset in the LLaVA-CoT layout with decoded images (an Image feature)."""
+    import datasets
+    from PIL import Image
+
+    datasets.Dataset.from_dict({
+        "id": [r[0] for r in rows],
+        "image": [Image.new("RGB", (40, 30), r[1]) for r in rows],
+        "conversations": [[{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": r[2]}]
+                          for r in rows],
+    }).cast_column("image", datasets.Image()).save_to_disk(str(path))
+    return path
+
+
+def _trace(answer):
+    return (f"<SUMMARY> s </SUMMARY>\n\n<CAPTION> c </CAPTION>\n\n<REASONING> r </REASONING>\n\n"
+            f"<CONCLUSION> {answer} </CONCLUSION>")
+
+
+def test_hf_rows_with_repeated_ids_drop_the_bad_one_not_the_good_one(tmp_path):
+    data = _hf_dir(tmp_path / "hf", [("x", "red", _trace("red")), ("x", "blue", "no tags at all")])
+    rows, report, _ = load_rows(str(data), skip_invalid=True)
+    assert list(report.problems) == ["x#1"]
+    assert [r.id for r in rows] == ["x"] and rows[0].answer == "red"
+
+
+def test_separate_hf_eval_dataset_resolves_its_own_images(tmp_path):
+    from stagereason.train.data import open_image, split_rows
+
+    train = _hf_dir(tmp_path / "train", [("t0", "red", _trace("red")), ("t1", "red", _trace("red"))])
+    held = _hf_dir(tmp_path / "eval", [("e0", "blue", _trace("blue"))])
+    rows, _, source = load_rows(str(train))
+    _, eval_rows = split_rows(rows, str(held), 0, None, source)
+    color = open_image(source(eval_rows[0].images[0]), None).getpixel((0, 0))
+    assert color == (0, 0, 255)  # the eval dataset's blue image, not the training set's red one
+    assert open_image(source(rows[0].images[0]), None).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_overwrite_output_dir_keeps_the_old_run_when_the_new_one_fails_early(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_text("previous run")
+    with pytest.raises(FileNotFoundError):
+        build_trainer(_cfg(tiny_dir, tmp_path / "no-such-data", out, "--overwrite_output_dir", "true"))
+    assert (out / "adapter_model.safetensors").read_text() == "previous run"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        build_trainer(_cfg(tiny_dir, tmp_path / "no-such-data", tmp_path / "afile"))
