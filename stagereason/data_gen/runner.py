@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import filecmp
+import hashlib
 import io
 import json
 import logging
@@ -195,6 +197,16 @@ def _safe_rel(name: str) -> Path:
     return Path(*parts) if parts else Path("image")
 
 
+def _same_image(dst: Path, src, payload: bytes) -> bool:
+    """Whether ``dst`` already holds this image (a hard link to it, or the same bytes)."""
+    if isinstance(src, (str, Path)):
+        try:
+            return os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)
+        except OSError:
+            return False
+    return dst.read_bytes() == payload
+
+
 class _Writer:
     """Writes accepted records (images first, then the line) and rejects; counts outcomes."""
 
@@ -206,11 +218,17 @@ class _Writer:
 
     def _put_image(self, ex: Example, i: int, payload: bytes) -> str:
         rel = Path("images") / _safe_rel(ex.image_names[i] if i < len(ex.image_names) else f"{ex.id}-{i}.png")
+        src = ex.images[i]
         dst = self.out / rel
+        if dst.exists() and not _same_image(dst, src, payload):
+            # another image already has this name (`a/../x.png` vs `x.png`, ids that sanitise alike):
+            # a name from the content keeps both, and the same image gets the same name on a rerun
+            data = Path(src).read_bytes() if isinstance(src, (str, Path)) else payload
+            rel = rel.with_name(f"{rel.stem}-{hashlib.sha1(data).hexdigest()[:12]}{rel.suffix}")
+            dst = self.out / rel
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-            src = ex.images[i]
             linked = False
             if isinstance(src, (str, Path)) and not self.copy_images:
                 try:
@@ -371,8 +389,19 @@ def _totals(out: Path) -> dict:
     return {"accepted": accepted, "rejected": sum(reasons.values()), "reject_reasons": dict(sorted(reasons.items()))}
 
 
+def _check_hf_out(hf_out: str) -> None:
+    """``--hf_out`` may hold a saved dataset (this job's, replaced on each run), never anything else."""
+    path = Path(hf_out)
+    if path.is_file():
+        raise FileExistsError(f"--hf_out {path} is a file; choose another --hf_out")
+    if path.is_dir() and any(path.iterdir()) and not (path / "dataset_info.json").is_file():
+        raise FileExistsError(f"--hf_out {path} is not empty and holds no saved dataset; choose another --hf_out")
+
+
 def _save_hf(out: Path, hf_out: str) -> None:
     import datasets
+
+    from stagereason.fsio import atomic_dir
 
     rows = [rec for _, rec, _ in iter_jsonl(out / "data.jsonl")]
     for rec in rows:
@@ -384,7 +413,9 @@ def _save_hf(out: Path, hf_out: str) -> None:
     ds = datasets.Dataset.from_list(rows)
     if rows and all(isinstance(r.get("image"), str) for r in rows):
         ds = ds.cast_column("image", datasets.Image())
-    ds.save_to_disk(hf_out)
+    _check_hf_out(hf_out)
+    with atomic_dir(hf_out, force=True, flag="--hf_out") as tmp:  # an interrupted save leaves the old one
+        ds.save_to_disk(str(tmp))
 
 
 def run_gen(cfg: GenConfig) -> dict:
@@ -392,6 +423,8 @@ def run_gen(cfg: GenConfig) -> dict:
     from stagereason.console import report
 
     out = Path(cfg.out)
+    if cfg.hf_out:
+        _check_hf_out(cfg.hf_out)  # before any work, not after it
     _prepare_out(out, _job(cfg))
     done, repaired = _done_ids(out, cfg.retry_teacher_errors)
     if repaired:

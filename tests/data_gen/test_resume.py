@@ -104,3 +104,30 @@ def test_a_corrupt_line_in_the_middle_is_never_dropped_silently(tmp_path):
     res = subprocess.run(base + ["--n", "6"], capture_output=True, text=True)
     assert res.returncode == 1 and "data.jsonl line 2 is not a valid JSON object" in res.stderr
     assert data.read_text() == lines[0] + "{garbage\n" + "".join(lines[1:])  # untouched
+
+
+def test_images_that_share_an_output_name_both_survive(tmp_path):
+    """`../x/0.png` and `x/0.png` (or ids that sanitise alike) map to one name: neither may replace the other."""
+    from PIL import Image
+
+    from stagereason.data_gen.runner import _Writer
+    from stagereason.data_gen.sources import Example, Turn
+
+    (tmp_path / "src" / "x").mkdir(parents=True)
+    red, blue = tmp_path / "src" / "0.png", tmp_path / "src" / "x" / "0.png"
+    Image.new("RGB", (4, 4), "red").save(red)
+    Image.new("RGB", (4, 4), "blue").save(blue)
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = _Writer(out, copy_images=True)
+    paths = []
+    for rid, src, name in (("a", red, "../x/0.png"), ("b", blue, "x/0.png"), ("c", red, "x/0.png")):
+        ex = Example(id=rid, images=[src], turns=[Turn("Q", "A", "Q")], image_names=[name])
+        paths.append(writer._put_image(ex, 0, src.read_bytes()))
+    assert paths[0] == "images/x/0.png" and paths[1] != paths[0]
+    assert Image.open(out / paths[0]).getpixel((0, 0)) == (255, 0, 0)
+    assert Image.open(out / paths[1]).getpixel((0, 0)) == (0, 0, 255)
+    assert paths[2] == paths[0]  # the same image again reuses its file
+    again = writer._put_image(Example(id="b", images=[blue], turns=[Turn("Q", "A", "Q")], image_names=["x/0.png"]), 0,
+                              blue.read_bytes())
+    assert again == paths[1]  # a rerun names it the same way

@@ -105,3 +105,16 @@ def test_gen_refuses_foreign_output_dir_and_missing_options(tmp_path, capsys):
     data = write_llava(tmp_path, [row("a", "Q", "B")])
     assert main(["gen", "--source", "llava", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "needs a teacher" in capsys.readouterr().err
+
+
+def test_hf_out_never_writes_into_a_folder_of_other_files(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ["gen", "--n", "3", "--no_progress", "--out"]
+    assert main([*args, str(tmp_path / "a"), "--hf_out", str(mine)]) == 1
+    assert "--hf_out" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert main([*args, str(tmp_path / "b"), "--hf_out", str(tmp_path / "hf")]) == 0
+    assert main([*args, str(tmp_path / "b"), "--hf_out", str(tmp_path / "hf")]) == 0  # its own dataset: replaced
+    assert len(datasets.load_from_disk(str(tmp_path / "hf"))) == 3
