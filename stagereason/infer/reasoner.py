@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import random
 import time
@@ -37,30 +36,15 @@ class ReasoningResult:
 
 
 def load_image(image: Any):
-    """A path, raw bytes or a PIL image -> an RGB PIL image.
+    """A path, raw bytes or a PIL image -> an RGB PIL image (:func:`stagereason.train.data.open_image`).
 
     Raises:
         FileNotFoundError: a path that does not exist.
         ValueError: data that does not decode as an image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from stagereason.train.data import open_image
 
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        if isinstance(image, (bytes, bytearray)):
-            with Image.open(io.BytesIO(image)) as im:
-                return im.convert("RGB")
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"image {image if not isinstance(image, (bytes, bytearray)) else '<bytes>'} "
-                         f"cannot be read ({type(err).__name__}: {err})") from err
+    return open_image(image)
 
 
 class Reasoner:

@@ -41,18 +41,22 @@ class StageCollator:
         kwargs = {"processor": self.processor, "max_length": None, "chat_template": self.chat_template}
         self._plain = DataCollatorForVisionLanguageModeling(assistant_only_loss=False, **kwargs)
         self._masked = DataCollatorForVisionLanguageModeling(assistant_only_loss=self.assistant_only, **kwargs)
+        self._fast = self.assistant_only  # off once offsets and ids disagree: this processor expands tokens
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         resolve = self.source or (lambda ref: ref)
         batch = [{"messages": ex["messages"], "images": [open_image(resolve(s), self.max_image_side, self.tiles)
                                                          for s in ex["images"]]} for ex in examples]
-        out = self._plain(batch) if self.assistant_only else self._masked(batch)
-        if self.assistant_only:
+        if self._fast:
+            out = self._plain(batch)
             mask = self._assistant_mask(examples, out["input_ids"], out["attention_mask"])
-            if mask is None:  # offsets and ids disagree: let transformers align them
+            if mask is None:  # offsets and ids disagree: let transformers align them, from now on
+                self._fast = False
                 out = self._masked(batch)
             else:
                 out["labels"][~mask] = -100
+        else:
+            out = self._masked(batch)
         if self.vocab_size is not None:
             out["labels"][out["labels"] >= self.vocab_size] = -100
         return out

@@ -251,26 +251,41 @@ def fit_tiles(im, tile: int, most: int):
     return im.resize((max(1, int(w * scale)), max(1, int(h * scale))))
 
 
-def open_image(src, max_side: int | None, tiles: tuple[int, int] | None = None):
-    """Open one image (path, bytes or PIL), convert to RGB, cap its longest side and (``(tile, most)``) its tiles."""
+def open_image(src, max_side: int | None = None, tiles: tuple[int, int] | None = None):
+    """Open one image (path, bytes, HF image dict or PIL) as RGB, cap its longest side and (``(tile, most)``) its tiles.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: data that does not decode as an image (the path is named).
+    """
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    if isinstance(src, Image.Image):
-        im = src
-    elif isinstance(src, (bytes, bytearray)):
-        im = Image.open(io.BytesIO(src))
-    elif isinstance(src, dict):  # HF Image feature without decoding
-        im = Image.open(io.BytesIO(src["bytes"])) if src.get("bytes") else Image.open(src["path"])
-    else:
-        im = Image.open(src)
+    name = "<bytes>" if isinstance(src, (bytes, bytearray, dict)) else str(src)
+    try:
+        if isinstance(src, Image.Image):
+            raw = src
+        elif isinstance(src, (bytes, bytearray)):
+            raw = Image.open(io.BytesIO(src))
+        elif isinstance(src, dict):  # HF Image feature without decoding
+            name = src.get("path") or name
+            raw = Image.open(io.BytesIO(src["bytes"])) if src.get("bytes") else Image.open(src["path"])
+        else:
+            if not Path(src).is_file():
+                raise FileNotFoundError(f"image {src} does not exist")
+            raw = Image.open(src)
+        if max_side and max(raw.size) > max_side and raw.format == "JPEG":
+            raw.draft("RGB", (max_side, max_side))  # decode big JPEGs at reduced scale
+        im = raw.convert("RGB")  # decodes; a corrupt file fails here
+        if raw is not src:
+            raw.close()
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"image {name} cannot be read ({type(err).__name__}: {err})") from err
     if max_side and max(im.size) > max_side:
-        if im.format == "JPEG":
-            im.draft("RGB", (max_side, max_side))  # decode big JPEGs at reduced scale
-        im = im.convert("RGB")
         im.thumbnail((max_side, max_side))
-    im = im.convert("RGB")
     return fit_tiles(im, *tiles) if tiles else im
 
 

@@ -398,3 +398,14 @@ def test_overwrite_output_dir_keeps_the_old_run_when_the_new_one_fails_early(tin
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         build_trainer(_cfg(tiny_dir, tmp_path / "no-such-data", tmp_path / "afile"))
+
+
+def test_a_corrupt_image_met_while_training_names_its_file(tmp_path):
+    from stagereason.train.data import open_image
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="broken.png cannot be read"):
+        open_image(str(bad), 560)
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        open_image(str(tmp_path / "gone.png"), 560)
