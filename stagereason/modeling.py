@@ -177,6 +177,7 @@ def load_model(
     adapter: str | Path | None = None,
     dtype: str | torch.dtype = "auto",
     device_map: str | dict | None = "auto",
+    check_processor=None,
 ):
     """Load an image-text-to-text model and its processor.
 
@@ -193,6 +194,8 @@ def load_model(
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"bf16"``, ``"fp16"``, ``"fp32"``.
         device_map: ``"auto"`` spreads over GPUs (one device per process under
             accelerate), keeps the CPU otherwise; anything else goes to transformers.
+        check_processor: called with the processor before any weight is loaded
+            (so a model its caller cannot use fails in seconds, not minutes).
 
     Returns:
         ``(model, processor)``.
@@ -201,12 +204,24 @@ def load_model(
         ValueError: not an image-text-to-text model, bad dtype or quantization,
             an attention implementation the model or machine cannot run, or an
             adapter trained for another base.
-        FileNotFoundError: an adapter directory without ``adapter_config.json``.
+        FileNotFoundError: an adapter directory without ``adapter_config.json``, or a
+            model that is neither a local directory nor reachable on the hub.
     """
     from transformers import AutoConfig, AutoProcessor
 
     name_or_path = str(name_or_path)
-    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as err:
+        raise FileNotFoundError(f"model {name_or_path} is neither a local model directory nor a hub model that "
+                                f"can be reached ({type(err).__name__})") from err
+    processor_src = name_or_path
+    if adapter is not None and ((Path(adapter) / "processor_config.json").is_file()
+                                or (Path(adapter) / "tokenizer_config.json").is_file()):
+        processor_src = str(adapter)
+    processor = AutoProcessor.from_pretrained(processor_src)
+    if check_processor is not None:
+        check_processor(processor)
     cls = _model_class(config)
     torch_dtype = resolve_dtype(dtype)
     attn, why = choose_attention(config, attn_implementation)
@@ -218,10 +233,6 @@ def load_model(
         name_or_path, dtype=torch_dtype, attn_implementation=attn,
         quantization_config=quant, device_map=_device_map(device_map, quant is not None),
     )
-    processor_src = name_or_path
     if adapter is not None:
         model = _load_adapter(model, adapter, name_or_path)
-        if (Path(adapter) / "processor_config.json").is_file() or (Path(adapter) / "tokenizer_config.json").is_file():
-            processor_src = str(adapter)
-    processor = AutoProcessor.from_pretrained(processor_src)
     return model, processor

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections import defaultdict
 from pathlib import Path
 
 from stagereason.infer.run import SearchOptions, _f
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "run_eval"]
 
@@ -45,21 +48,22 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     from stagereason.console import report
     from stagereason.data_gen.records import atomic_write_text
-    from stagereason.infer.reasoner import Reasoner
+    from stagereason.infer.reasoner import Reasoner, load_image
     from stagereason.stages import answers_match
     from stagereason.train.data import load_rows
 
     out = Path(cfg.out)
-    if (out / "report.json").exists() and not cfg.force:
-        raise FileExistsError(f"{out / 'report.json'} exists; pass --force to replace it or choose another --out")
+    for name in ("report.json", "predictions.jsonl"):
+        if (out / name).exists() and not cfg.force:
+            raise FileExistsError(f"{out / name} exists; pass --force to replace it or choose another --out")
     rows, _, source = load_rows(cfg.data, cfg.image_root, check_images=False)
-    rows = rows[: cfg.limit] if cfg.limit else rows
+    rows = rows[: cfg.limit] if cfg.limit is not None else rows
     if not rows:
         raise ValueError(f"no rows in {cfg.data}")
     reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,
                                         max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature)
     out.mkdir(parents=True, exist_ok=True)
-    preds, fam = [], defaultdict(lambda: {"n": 0, "correct": 0})
+    preds, errors, fam = [], [], defaultdict(lambda: {"n": 0, "correct": 0})
     progress = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("acc {task.fields[acc]:.1%}"), console=Console(stderr=True),
                         disable=not cfg.progress)
@@ -67,13 +71,22 @@ def run_eval(cfg: EvalConfig) -> dict:
         task = progress.add_task("eval", total=len(rows), acc=0.0)
         step = cfg.batch_size if cfg.search == "greedy" and cfg.batch_size > 1 else 1
         for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
-            items = [(source(row.images[0]) if row.images else None, row.question) for row in chunk]
+            chunk, items = [], []
+            for row in rows[start:start + step]:
+                try:  # a missing or corrupt image is this row's failure, not the run's
+                    items.append((load_image(source(row.images[0])) if row.images else None, row.question))
+                    chunk.append(row)
+                except (FileNotFoundError, ValueError) as err:
+                    errors.append({"id": row.id, "error": str(err)})
+                    logger.warning("row %s: %s", row.id, err)
+            progress.update(task, advance=len(rows[start:start + step]) - len(chunk))
+            if not chunk:
+                continue
             t0 = time.perf_counter()
             if step > 1:
                 results = reasoner.answer_batch(items, search="greedy", batch_size=step)
             else:
-                results = [reasoner.answer(items[0][0], items[0][1], search=cfg.search, beam_size=cfg.beam_size,
+                results = [reasoner.answer(*items[0], search=cfg.search, beam_size=cfg.beam_size,
                                            judge=cfg.judge, seed=cfg.seed + start)]
             latency = (time.perf_counter() - t0) / len(chunk)  # a batch's wall time, shared by its questions
             for row, res in zip(chunk, results, strict=True):
@@ -87,8 +100,10 @@ def run_eval(cfg: EvalConfig) -> dict:
                               "family": row.family, "text": res.text})
             progress.update(task, advance=len(chunk), acc=sum(p["correct"] for p in preds) / len(preds))
     n = len(preds)
+    if not n:
+        raise ValueError(f"no row of {cfg.data} could be answered; first problem: {errors[0]['error']}")
     result = {
-        "n": n, "accuracy": sum(p["correct"] for p in preds) / n,
+        "n": n, "skipped": len(errors), "skipped_rows": errors[:20], "accuracy": sum(p["correct"] for p in preds) / n,
         "format_rate": sum(p["format_ok"] for p in preds) / n,
         "mean_tokens": sum(p["tokens"] for p in preds) / n, "mean_latency_s": sum(p["latency_s"] for p in preds) / n,
         "search": cfg.search, "beam_size": cfg.beam_size, "judge": cfg.judge, "batch_size": step, "model": cfg.model,
@@ -97,7 +112,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     }
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     atomic_write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
-    shown = {k: v for k, v in result.items() if k != "families"}
+    shown = {k: v for k, v in result.items() if k not in ("families", "skipped_rows")}
     if not cfg.json:
         for k, v in result["families"].items():
             shown[f"family {k}"] = f"{v['accuracy']:.1%} of {v['n']}"

@@ -57,8 +57,9 @@ class SelfJudge:
         only each prompt's own tokens are run after it, in one batch.
         """
         self._prefix_images = bool(prefix.images)
-        texts = [self._prompt(question, prefix.text, stage, a, b) for a, b in pairs]
-        texts += [self._prompt(question, prefix.text, stage, b, a) for a, b in pairs]
+        so_far = prefix.text  # decoded once, not once per prompt
+        texts = [self._prompt(question, so_far, stage, a, b) for a, b in pairs]
+        texts += [self._prompt(question, so_far, stage, b, a) for a, b in pairs]
         tok = self.processor.tokenizer
         seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
         shared = 0

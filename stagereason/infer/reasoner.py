@@ -58,8 +58,7 @@ class Reasoner:
 
     def __init__(self, model, processor, *, max_stage_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95):
-        if getattr(processor, "chat_template", None) is None:
-            raise ValueError("the model's processor has no chat template: stagereason needs one to build prompts")
+        _needs_chat_template(processor)
         self.model, self.processor = model.eval(), processor
         self.max_stage_tokens, self.temperature, self.top_p = max_stage_tokens, temperature, top_p
 
@@ -83,10 +82,8 @@ class Reasoner:
                 raise ValueError(f"{run} is an adapter run dir that does not record its base model; pass the base "
                                  "as the model and this dir as the adapter")
             path, adapter = base, run
-        elif not run.exists() and "/" not in str(path):
-            raise FileNotFoundError(f"model {path} does not exist")
         model, processor = load_model(path, quantization=quantization, adapter=adapter, dtype=dtype,
-                                      attn_implementation=attn_implementation)
+                                      attn_implementation=attn_implementation, check_processor=_needs_chat_template)
         return cls(model, processor, **kwargs)
 
     def answer(self, image: Any, question: str, *, search: str = "stage", beam_size: int = 4,
@@ -154,6 +151,11 @@ class Reasoner:
                 usage = _usage(log, encode_s, seconds, search="greedy", beam_size=1, judge=None, batched=len(outs))
                 results.append(ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage))
         return results
+
+
+def _needs_chat_template(processor) -> None:
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("the model's processor has no chat template: stagereason needs one to build prompts")
 
 
 def _prepared(image: Any, question: str) -> tuple[list, str]:

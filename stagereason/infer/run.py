@@ -89,7 +89,9 @@ li{{margin:.4em 0;padding:.3em;border:1px solid #ddd}}li.win{{border:2px solid #
 section{{border-top:2px solid #444;margin-top:1.5em}}</style></head><body>
 <h2>{esc(question)}</h2>{img}<p><b>answer:</b> {esc(res.answer)}</p><p>{esc(_summary_line(res))}</p>
 {''.join(blocks)}<h3>final text</h3><pre>{esc(res.text)}</pre></body></html>"""
-    Path(path).write_text(page, encoding="utf-8")
+    from stagereason.data_gen.records import atomic_write_text
+
+    atomic_write_text(Path(path), page)
 
 
 def run_infer(cfg: InferConfig) -> dict:
@@ -98,11 +100,13 @@ def run_infer(cfg: InferConfig) -> dict:
 
     if not cfg.question.strip():
         raise ValueError("--question is empty")
-    if cfg.image is not None:
-        load_image(cfg.image)  # a missing or unreadable image fails before the model loads
+    # a missing or unreadable image, or nowhere to write the page, fails before the model loads
+    image = None if cfg.image is None else load_image(cfg.image)
+    if cfg.html and not Path(cfg.html).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--html {cfg.html}: folder {Path(cfg.html).resolve().parent} does not exist")
     reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,
                                         max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature)
-    res = reasoner.answer(cfg.image, cfg.question, search=cfg.search, beam_size=cfg.beam_size, judge=cfg.judge,
+    res = reasoner.answer(image, cfg.question, search=cfg.search, beam_size=cfg.beam_size, judge=cfg.judge,
                           seed=cfg.seed)
     out = {**res.trace.as_dict(), "answer": res.answer, "search": res.search_log, "usage": res.usage}
     if cfg.html:

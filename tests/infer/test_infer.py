@@ -234,3 +234,24 @@ def test_eval_batches_greedy_questions_with_the_same_predictions(tiny_dir, tmp_p
         assert report["batch_size"] == bs and report["n"] == 5
         preds[bs] = [(p["id"], p["text"]) for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())]
     assert preds[1] == preds[4]
+
+
+def test_eval_skips_a_row_whose_image_is_gone_and_keeps_the_rest(tiny_dir, tmp_path, capsys):
+    assert main(["gen", "--out", str(tmp_path / "data"), "--n", "3", "--no_progress"]) == 0
+    first = json.loads((tmp_path / "data" / "data.jsonl").read_text().splitlines()[1])
+    (tmp_path / "data" / first["image"]).unlink()
+    args = ["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "data"), "--search", "greedy",
+            "--max_stage_tokens", "4", "--out", str(tmp_path / "ev"), "--no_progress", "--json"]
+    capsys.readouterr()
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n"] == 2 and report["skipped"] == 1 and report["skipped_rows"][0]["id"] == first["id"]
+    assert "does not exist" in report["skipped_rows"][0]["error"]
+
+
+def test_infer_refuses_early_what_it_could_not_finish(tiny_dir, image, tmp_path, capsys):
+    base = ["infer", "--image", str(image), "--question", "How many?"]
+    assert main([*base, "--model", str(tiny_dir), "--html", str(tmp_path / "no" / "t.html")]) == 1
+    assert "--html" in capsys.readouterr().err
+    assert main([*base, "--model", str(tmp_path / "runs" / "nonexist")]) == 1
+    assert "neither a local model directory" in capsys.readouterr().err
