@@ -39,6 +39,10 @@ def make_parser(types: tuple[type, ...], prog: str, description: str, positional
         usage = f"{prog} {names} [options]   ({names} may also be given as --{' --'.join(positionals)})"
     parser = TrlParser(types, prog=prog, description=description, usage=usage, allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
+    for action in parser._actions:  # HfArgumentParser gives --no_X the help of --X, which reads backwards
+        flag = next((o for o in action.option_strings if o.startswith("--no_")), None)
+        if flag is not None:
+            action.help = f"Turn off --{flag[len('--no_'):]}."
     return parser
 
 

@@ -132,3 +132,11 @@ def test_console_script_runs(tmp_path):
     assert res.returncode == 2
     assert "unknown option --presett (did you mean '--preset'?)" in res.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_no_flags_say_what_they_turn_off(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no_progress, --no-progress Turn off --progress." in out
+    assert "--progress [PROGRESS] Show a progress bar." in out
