@@ -136,10 +136,11 @@ def _prepare_out(out: Path, job: dict) -> None:
     atomic_write_text(job_file, json.dumps(job, indent=2) + "\n")
 
 
-def _source(cfg: GenConfig):
+def _source(cfg: GenConfig, done: set[str]):
     if cfg.source == "synthetic":
         n = cfg.n if cfg.limit is None else min(cfg.n, cfg.limit)
-        return synthetic_examples(n, cfg.seed, cfg.difficulty, cfg.image_size, tuple(cfg.families) or None), n
+        return synthetic_examples(n, cfg.seed, cfg.difficulty, cfg.image_size, tuple(cfg.families) or None,
+                                  skip=done), n
     if cfg.source == "llava":
         it = llava_examples(cfg.data, cfg.image_root)
     else:
@@ -429,7 +430,7 @@ def run_gen(cfg: GenConfig) -> dict:
     done, repaired = _done_ids(out, cfg.retry_teacher_errors)
     if repaired:
         logger.warning("repaired a partial last line (%d bytes) left by an interrupted run", repaired)
-    examples, total = _source(cfg)
+    examples, total = _source(cfg, done)
     todo_total = None if total is None else max(0, total - len(done))
     todo = (ex for ex in examples if ex.id not in done)
     first = next(todo, None)

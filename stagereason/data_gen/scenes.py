@@ -327,8 +327,13 @@ def make_example(seed: int, index: int, *, difficulty: int = 1, image_size: int 
         image = _draw_shapes(scene.objs, image_size, rng)
         caption = _caption(scene.objs)
     trace = StagedTrace(summary=summary, caption=caption, reasoning=reasoning, conclusion=answer)
-    return SceneExample(id=f"synth-{seed}-{index:07d}", image=image, question=question, answer=answer,
+    return SceneExample(id=scene_id(seed, index), image=image, question=question, answer=answer,
                         trace=trace, family=family, difficulty=difficulty, choices=choices)
+
+
+def scene_id(seed: int, index: int) -> str:
+    """The id of example ``index`` of the set drawn with ``seed``, known without drawing it."""
+    return f"synth-{seed}-{index:07d}"
 
 
 def make_examples(n: int, seed: int = 0, **kwargs) -> list[SceneExample]:

@@ -239,11 +239,16 @@ def _with_choices(question: str, choices: dict[str, str] | None) -> str:
 
 
 def synthetic_examples(n: int, seed: int = 0, difficulty: int = 1, image_size: int = 128,
-                       families: tuple[str, ...] | None = None) -> Iterator[Example]:
-    """Procedural scenes (see :mod:`stagereason.data_gen.scenes`) as Examples with ready traces."""
-    from stagereason.data_gen.scenes import FAMILIES, make_example
+                       families: tuple[str, ...] | None = None, skip: set[str] | None = None) -> Iterator[Example]:
+    """Procedural scenes (see :mod:`stagereason.data_gen.scenes`) as Examples with ready traces.
+
+    Ids in ``skip`` (a resumed run's finished examples) are not drawn at all.
+    """
+    from stagereason.data_gen.scenes import FAMILIES, make_example, scene_id
 
     for i in range(n):
+        if skip and scene_id(seed, i) in skip:
+            continue
         s = make_example(seed, i, difficulty=difficulty, image_size=image_size, families=families or FAMILIES)
         buf = io.BytesIO()
         s.image.save(buf, format="PNG")

@@ -131,3 +131,17 @@ def test_images_that_share_an_output_name_both_survive(tmp_path):
     again = writer._put_image(Example(id="b", images=[blue], turns=[Turn("Q", "A", "Q")], image_names=["x/0.png"]), 0,
                               blue.read_bytes())
     assert again == paths[1]  # a rerun names it the same way
+
+
+def test_a_resumed_synthetic_run_does_not_draw_finished_examples(tmp_path, monkeypatch):
+    from stagereason.cli import main
+    from stagereason.data_gen import scenes
+
+    args = ["gen", "--out", str(tmp_path / "d"), "--n", "4", "--no_progress"]
+    assert main([*args[:-1], "--limit", "3", "--no_progress"]) != 2
+    drawn = []
+    real = scenes.make_example
+    monkeypatch.setattr(scenes, "make_example", lambda seed, i, **kw: drawn.append(i) or real(seed, i, **kw))
+    assert main(args) == 0
+    assert drawn == [3]  # only the one not yet done
+    assert len((tmp_path / "d" / "data.jsonl").read_text().splitlines()) == 4
