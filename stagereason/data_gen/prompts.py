@@ -42,10 +42,13 @@ def load_template(kind: str, path: str | Path | None = None) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"prompt template {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    used = {f for _, f, _, _ in string.Formatter().parse(text) if f}
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as err:  # a stray "{" or "}"
+        raise ValueError(f"prompt template {path}: {err} (write a literal brace as {{{{ or }}}})") from err
     unknown = used - _FIELDS[kind]
     if unknown:
-        raise ValueError(f"prompt template {path} uses unknown field(s) {sorted(unknown)}; "
+        raise ValueError(f"prompt template {path} uses unknown field(s) {sorted(f or '{}' for f in unknown)}; "
                          f"available: {sorted(_FIELDS[kind])}")
     return text
 

@@ -140,14 +140,24 @@ def llava_examples(path: str | Path, image_root: str | Path | None = None) -> It
     seen: dict[str, int] = {}
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
-    if head.startswith(b"["):
+    if head.startswith(b"[") or path.suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
+            if not head.startswith(b"["):  # a .json file holding JSON lines after all
+                yield from _llava_jsonl(path, root, seen)
+                return
             raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows (LLaVA layout: "
+                             "[{\"id\": ..., \"image\": ..., \"conversations\": [...]}, ...])")
         for i, row in enumerate(rows):
             yield _llava_row(row, f"row {i}", root, seen)
         return
+    yield from _llava_jsonl(path, root, seen)
+
+
+def _llava_jsonl(path: Path, root: Path, seen: dict[str, int]) -> Iterator[Example]:
     for lineno, row, err in iter_jsonl(path, strict=False):
         if err:
             yield Example(id=f"line-{lineno}", images=[], turns=[], error=f"bad JSON: {err}")

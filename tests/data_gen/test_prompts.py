@@ -41,3 +41,13 @@ def test_judge_prompt_and_unknown_fields(tmp_path):
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
         load_template("teacher", bad)
     assert language_name("ja") == "Japanese" and "xx" in language_name("xx")
+
+
+@pytest.mark.parametrize("text,message", [("a {} b", r"unknown field\(s\) \['\{\}'\]"),
+                                          ("a } b", "Single '}'"), ("{question} {nope}", "nope")])
+def test_a_broken_template_fails_at_load_naming_its_file(tmp_path, text, message):
+    path = tmp_path / "mine.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_template("teacher", path)
+    assert "mine.txt" in str(err.value)

@@ -118,3 +118,13 @@ def test_hf_out_never_writes_into_a_folder_of_other_files(tmp_path, capsys):
     assert main([*args, str(tmp_path / "b"), "--hf_out", str(tmp_path / "hf")]) == 0
     assert main([*args, str(tmp_path / "b"), "--hf_out", str(tmp_path / "hf")]) == 0  # its own dataset: replaced
     assert len(datasets.load_from_disk(str(tmp_path / "hf"))) == 3
+
+
+def test_a_json_file_that_is_not_a_list_is_refused_by_name(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"data": [row("a", "<image>\nQ?", "A")]}, indent=2))
+    with pytest.raises(ValueError, match="rows.json holds a JSON dict, not a list"):
+        list(llava_examples(path))
+    lines = tmp_path / "lines.json"  # JSON lines under a .json name still read as lines
+    lines.write_text(json.dumps(row("a", "<image>\nQ?", "A")) + "\n" + json.dumps(row("b", "<image>\nQ?", "B")) + "\n")
+    assert [e.id for e in llava_examples(lines)] == ["a", "b"]
