@@ -247,13 +247,15 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="measured steps (after --warmup steps)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--recipe", default="train/llama32v-11b-qlora.yaml")
     p.add_argument("--max_stage_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args, overrides = p.parse_known_args()  # unknown flags go to `stagereason train`
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1 (the first step compiles and allocates)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -25,7 +25,6 @@ __all__ = ["ExportConfig", "run_export", "TOLERANCE"]
 logger = logging.getLogger(__name__)
 # max |logit difference| allowed, relative to the largest |logit| (and at least this much absolute)
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}  # bf16 keeps 8 mantissa bits
-_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _f(default, help):  # noqa: A002 - argparse's word
@@ -136,12 +135,12 @@ print(r.answer("scene.png", "How many red objects?", search="stage", beam_size=4
 
 def run_export(cfg: ExportConfig) -> dict:
     """Merge (or convert), verify, and save atomically; returns the summary."""
-    from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from stagereason.console import report
     from stagereason.data_gen.records import atomic_write_text
     from stagereason.fsio import atomic_dir, check_out_dir
+    from stagereason.modeling import _load_adapter, resolve_dtype
 
     run = Path(cfg.adapter)
     if not run.is_dir():
@@ -151,12 +150,12 @@ def run_export(cfg: ExportConfig) -> dict:
     base = cfg.base or info.get("base_model")
     if info["kind"] == "adapter" and not base:
         raise ValueError(f"{run} does not record its base model; pass --base")
-    dtype = _DTYPE[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype)
     processor = AutoProcessor.from_pretrained(run)
     with atomic_dir(cfg.out, force=cfg.force) as tmp:
         if info["kind"] == "adapter":
             model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)  # unquantized, always
-            model = PeftModel.from_pretrained(model, str(run)).eval()
+            model = _load_adapter(model, run, base).eval()  # names a base/adapter mismatch
             inputs = _probe(processor, model.device)
             reference = _logits(model, inputs, dtype)
             model = model.merge_and_unload()
@@ -164,8 +163,7 @@ def run_export(cfg: ExportConfig) -> dict:
             source = AutoModelForImageTextToText.from_pretrained(run, dtype=torch.float32).eval()
             inputs = _probe(processor, source.device)
             reference = _logits(source, inputs, torch.float32)
-            del source
-            model = AutoModelForImageTextToText.from_pretrained(run, dtype=dtype).eval()
+            model = source.to(dtype)  # converted in place: the weights are read from disk once
         merged = _logits(model, inputs, dtype)
         max_diff = (merged - reference).abs().max().item()
         allowed = TOLERANCE[cfg.dtype] * max(1.0, reference.abs().max().item())
