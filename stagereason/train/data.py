@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stagereason.data_gen.records import iter_jsonl
-from stagereason.data_gen.sources import IMAGE_PLACEHOLDER
+from stagereason.data_gen.sources import IMAGE_PLACEHOLDER, _open_hf
 from stagereason.data_gen.validate import ValidationReport, check_dataset, check_row, resolve_data_file
 
 __all__ = ["ImageSource", "Row", "load_rows", "open_image", "split_rows", "to_dataset", "to_messages"]
@@ -94,20 +94,6 @@ def _row(rec: dict, rid: str, root: Path | None) -> Row:
                question=question, family=rec.get("family"))
 
 
-def _hf_records(name: str):
-    import datasets
-
-    p = Path(name)
-    if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "state.json").is_file()
-                       or (p / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(p))
-    else:
-        ds = datasets.load_dataset(name)
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"]
-    return ds
-
-
 class ImageSource:
     """Resolves a row's image reference: a file path, or ``TAG:ROW:K`` into a HF dataset (decoded on demand).
 
@@ -174,7 +160,7 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         else:
             records = [(str(r.get("id", f"line {n}")), r) for n, r, _ in iter_jsonl(data, strict=False) if r]
     else:
-        ds = _hf_records(dataset)
+        ds = _open_hf(dataset, "train", None)
         source = ImageSource({tag: ds}) if "image" in ds.column_names else ImageSource()
         root = Path(image_root) if image_root else None
         report = ValidationReport(path=str(dataset))
