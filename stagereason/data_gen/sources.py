@@ -173,6 +173,21 @@ def _hf_image(value) -> Any:
     return value
 
 
+def _suffix(image) -> str:
+    """The file suffix of an image's own format (read from its header), ``.png`` for decoded images."""
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(image)) as im:
+                return {"JPEG": ".jpg"}.get(im.format, f".{(im.format or 'png').lower()}")
+        except Exception:  # noqa: BLE001 (a corrupt image is reported when it is loaded)
+            return ".png"
+    if isinstance(image, (str, Path)):
+        return Path(image).suffix or ".png"
+    return ".png"
+
+
 def _open_hf(path: str, split: str, name: str | None):
     import datasets
 
@@ -194,7 +209,12 @@ def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_
     Raises:
         ValueError: a named column is not in the dataset.
     """
+    import datasets
+
     ds = _open_hf(path, split, name)
+    if isinstance(ds.features.get(image_column), datasets.Image):
+        # the file's own bytes (often a JPEG), not a decoded image re-encoded as PNG for every request
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
     cols = set(ds.column_names)
     for label, col in (("question", question_column), ("answer", answer_column), ("image", image_column),
                        ("choices", choices_column), ("hints", hints_column), ("id", id_column)):
@@ -211,7 +231,7 @@ def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_
                                                           if k not in used and _jsonable(v)})
         image = _hf_image(row.get(image_column))
         ex.images = [] if image is None else [image]
-        ex.image_names = [f"{_safe(key)}.png"] if image is not None else []
+        ex.image_names = [f"{_safe(key)}{_suffix(image)}"] if image is not None else []
         question, answer = row.get(question_column), row.get(answer_column)
         try:
             ex.choices = _as_choices(row.get(choices_column)) if choices_column else None

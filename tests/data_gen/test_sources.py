@@ -3,6 +3,7 @@
 Assets: files and datasets written here (PIL images, datasets.Dataset.save_to_disk).
 """
 
+import io
 import json
 
 import datasets
@@ -64,7 +65,10 @@ def test_hf_column_mapping_choices_and_index_answers(tmp_path):
     assert exs[0].turns[0].answer == "B" and exs[0].choices == {"A": "red", "B": "blue"}
     assert exs[0].turns[0].question == "Which color?\nOptions:\nA. red\nB. blue"
     assert exs[0].hints == ["Look at the middle."] and exs[0].extra == {"subject": "colors"}
-    assert exs[0].images[0].size == (20, 20)
+    # the stored file bytes are sent as they are (no decode and PNG re-encode per request)
+    assert isinstance(exs[0].images[0], bytes) and Image.open(io.BytesIO(exs[0].images[0])).size == (20, 20)
+    assert exs[0].image_names[0] == "q1" + {"JPEG": ".jpg"}.get(Image.open(io.BytesIO(exs[0].images[0])).format,
+                                                                 ".png")
     assert exs[2].error == "row 'q3': empty question"
     with pytest.raises(ValueError, match="--question_column 'question' is not a column"):
         list(hf_examples(str(path)))
