@@ -31,16 +31,6 @@ class EvalConfig(SearchOptions):
     json: bool = _f(False, "Print the report as one JSON object.")
 
 
-def _strict_ok(text: str) -> bool:
-    from stagereason.stages import TraceFormatError, parse_trace
-
-    try:
-        parse_trace(text)
-        return True
-    except TraceFormatError:
-        return False
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     """Answer every row with the chosen search; score with ``answers_match``; write predictions and a report."""
     from rich.console import Console
@@ -95,18 +85,20 @@ def run_eval(cfg: EvalConfig) -> dict:
                 fam[key]["n"] += 1
                 fam[key]["correct"] += correct
                 preds.append({"id": row.id, "question": row.question, "answer": row.answer,
-                              "prediction": res.answer, "correct": correct, "format_ok": _strict_ok(res.text),
+                              "prediction": res.answer, "correct": correct, "format_ok": res.trace.ok,
                               "tokens": res.usage["total_tokens"], "latency_s": round(latency, 4),
                               "family": row.family, "text": res.text})
             progress.update(task, advance=len(chunk), acc=sum(p["correct"] for p in preds) / len(preds))
     n = len(preds)
+    one_path = cfg.search in ("greedy", "sample")  # no candidates, no judge
     if not n:
         raise ValueError(f"no row of {cfg.data} could be answered; first problem: {errors[0]['error']}")
     result = {
         "n": n, "skipped": len(errors), "skipped_rows": errors[:20], "accuracy": sum(p["correct"] for p in preds) / n,
         "format_rate": sum(p["format_ok"] for p in preds) / n,
         "mean_tokens": sum(p["tokens"] for p in preds) / n, "mean_latency_s": sum(p["latency_s"] for p in preds) / n,
-        "search": cfg.search, "beam_size": cfg.beam_size, "judge": cfg.judge, "batch_size": step, "model": cfg.model,
+        "search": cfg.search, "beam_size": 1 if one_path else cfg.beam_size, "judge": None if one_path else cfg.judge,
+        "batch_size": step, "model": cfg.model,
         "adapter": cfg.adapter, "data": cfg.data,
         "families": {k: {**v, "accuracy": v["correct"] / v["n"]} for k, v in sorted(fam.items())},
     }

@@ -116,13 +116,13 @@ def _repair(text: str) -> StagedTrace:
     """A strictly valid trace from whatever a whole-answer candidate holds (missing stages say so)."""
     try:
         return parse_trace(text)
-    except TraceFormatError:
+    except TraceFormatError as strict_err:
         try:
             t = parse_trace(text, strict=False)
-        except TraceFormatError:
-            t = StagedTrace("", "", "", text.strip())
+        except TraceFormatError as err:  # nothing recoverable: the whole text is the conclusion
+            t = StagedTrace("", "", "", text.strip(), problems=tuple(err.problems))
         fill = {s.lower(): t.stage(s) or "(not given)" for s in STAGES}
-        return StagedTrace(**fill, problems=t.problems)
+        return StagedTrace(**fill, problems=tuple(t.problems) or tuple(strict_err.problems))
 
 
 def run_search(model, processor, images: list, question: str, *, search: str = "stage", beam_size: int = 4,

@@ -255,3 +255,14 @@ def test_infer_refuses_early_what_it_could_not_finish(tiny_dir, image, tmp_path,
     assert "--html" in capsys.readouterr().err
     assert main([*base, "--model", str(tmp_path / "runs" / "nonexist")]) == 1
     assert "neither a local model directory" in capsys.readouterr().err
+
+
+def test_a_repaired_trace_says_it_was_repaired():
+    from stagereason.infer.search import _repair
+
+    assert _repair("<SUMMARY> a </SUMMARY>\n\n<CAPTION> b </CAPTION>\n\n<REASONING> c </REASONING>\n\n"
+                   "<CONCLUSION> d </CONCLUSION>").ok
+    for broken in ("just text", "<SUMMARY> a </SUMMARY> junk"):
+        trace = _repair(broken)
+        assert not trace.ok and trace.problems
+        assert parse_trace(trace.render()) == trace  # still a valid trace to show
