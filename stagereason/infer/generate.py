@@ -60,9 +60,12 @@ class Prefix:
 
     For Mllama the cache also holds the image keys/values of the cross-attention
     layers, so continuing from it never re-encodes the image or the prefix.
-    ``extend`` appends tokens (a chosen candidate, a forced tag) by running only
-    those tokens through the model. ``xstates`` (the projected image features)
-    let judge prompts reuse the image without the vision tower.
+    ``extend`` appends tokens (a forced tag); they are run through the model,
+    all appended tokens in one forward, when the cache is next needed. ``take``
+    appends a candidate of the last ``continuations`` together with the cache
+    its row already built, so a chosen candidate is never run again.
+    ``xstates`` (the projected image features) let judge prompts reuse the image
+    without the vision tower.
     """
 
     def __init__(self, model, processor, images: list, question: str):
@@ -85,7 +88,9 @@ class Prefix:
                         cross_attention_mask=None if self.xmask is None else self.xmask[:, :-1],
                         cross_attention_states=self.xstates, use_cache=True)
         self.cache = out.past_key_values
+        self.cached = self.ids.shape[1] - 1  # positions the cache holds: all but the last token, once synced
         self.prompt_len = self.ids.shape[1]
+        self._candidates: tuple[list[list[int]], list] | None = None
 
     @property
     def text(self) -> str:
@@ -99,61 +104,55 @@ class Prefix:
         mask = self.xmask if extra <= 0 else torch.cat([self.xmask, self.xmask[:, -1:].expand(-1, extra, -1, -1)], 1)
         return mask[:, :length].expand(batch, -1, -1, -1)
 
-    @torch.no_grad()
     def extend(self, new_ids: list[int]) -> None:
-        """Append tokens; the cache grows by the old last token and all but the last new one."""
-        if not new_ids:
-            return
-        new = torch.tensor([new_ids], device=self.ids.device, dtype=self.ids.dtype)
-        ids = torch.cat([self.ids, new], dim=1)
-        feed = ids[:, self.ids.shape[1] - 1: -1]
-        self.model(input_ids=feed, attention_mask=torch.ones_like(ids[:, :-1]), past_key_values=self.cache,
-                   cross_attention_mask=self._mask_for(ids.shape[1] - 1), use_cache=True)
-        self.ids = ids
+        """Append tokens; they are run through the model when the cache is next needed."""
+        if new_ids:
+            new = torch.tensor([new_ids], device=self.ids.device, dtype=self.ids.dtype)
+            self.ids = torch.cat([self.ids, new], dim=1)
+            self._candidates = None
+
+    def take(self, index: int) -> None:
+        """Append candidate ``index`` of the last ``continuations`` with the cache its row built."""
+        from stagereason.infer.decode import crop_cache, cross_layers
+
+        if self._candidates is None:
+            raise RuntimeError("take() picks from the last continuations(); none since the prefix last changed")
+        rows, caches = self._candidates
+        self._candidates = None
+        if caches is None or caches[index] is None:
+            return self.extend(rows[index])
+        self.extend(rows[index])
+        self.cache = crop_cache(caches[index], self.ids.shape[1] - 1, cross_layers(self.model))
+        self.cached = self.ids.shape[1] - 1
 
     @torch.no_grad()
+    def _sync(self) -> None:
+        """Run the appended tokens (all but the last) through the model, in one forward."""
+        length = self.ids.shape[1] - 1
+        if self.cached < length:
+            self.model(input_ids=self.ids[:, self.cached:length], attention_mask=torch.ones_like(self.ids[:, :length]),
+                       past_key_values=self.cache, cross_attention_mask=self._mask_for(length), use_cache=True,
+                       logits_to_keep=1)
+            self.cached = length
+
     def continuations(self, n: int, stop: str | list[str] | None, max_new_tokens: int, *, do_sample: bool,
                       temperature: float = 0.7, top_p: float = 0.95, scores: bool = False):
-        """``n`` continuations of the prefix in one batched ``generate``, each stopping at ``stop`` (or any of them).
+        """``n`` continuations of the prefix decoded together, each stopping at ``stop`` (or any of them).
 
-        The stop check is token-level (``stop_strings``), per row: finished rows
-        are padded while the others go on. Returns ``(token_lists, logprob_means)``
-        (``logprob_means`` is None unless ``scores``).
+        The stop check is per row and looks only at its last few tokens; a
+        finished row leaves the batch while the others go on. Returns
+        ``(token_lists, logprob_means)`` (``logprob_means`` is None unless ``scores``).
         """
-        import copy
+        from stagereason.infer.decode import decode
 
-        cache = copy.deepcopy(self.cache)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-        length = self.ids.shape[1]
-        kwargs = {"do_sample": do_sample}
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if stop:
-            kwargs.update(stop_strings=[stop] if isinstance(stop, str) else list(stop), tokenizer=self.tok)
-        out = self.model.generate(
-            input_ids=self.ids.expand(n, -1), attention_mask=torch.ones(n, length, dtype=torch.long,
-                                                                         device=self.ids.device),
-            cross_attention_mask=self._mask_for(length, n), past_key_values=cache, max_new_tokens=max_new_tokens,
-            pad_token_id=self.tok.pad_token_id, return_dict_in_generate=True, output_logits=scores, **kwargs)
-        new = out.sequences[:, length:]
-        eos = set(_eos_ids(self.model))
-        rows = []
-        for r in range(n):
-            toks = new[r].tolist()
-            end = len(toks)
-            for i, t in enumerate(toks):
-                if t == self.tok.pad_token_id or t in eos:
-                    end = i
-                    break
-            rows.append(toks[:end])
-        means = None
-        if scores:
-            logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # raw logits: the model's own probabilities
-            picked = logp.gather(-1, new[:, : logp.shape[1]].unsqueeze(-1)).squeeze(-1)
-            means = [picked[r, : max(len(rows[r]), 1)].mean().item() for r in range(n)]
+        self._sync()
+        stops = [] if not stop else [stop] if isinstance(stop, str) else list(stop)
+        step_xmask = None if self.xmask is None else self.xmask[:, -1:]
+        rows, means, caches = decode(
+            self.model, self.tok, self.cache, int(self.ids[0, -1]), self.ids.shape[1] - 1, n, max_new_tokens,
+            step_xmask=step_xmask, stops=stops, eos=set(_eos_ids(self.model)), do_sample=do_sample,
+            temperature=temperature, top_p=top_p, scores=scores, keep_caches=True)
+        self._candidates = (rows, caches)
         return rows, means
 
 
@@ -164,12 +163,12 @@ def _eos_ids(model) -> list[int]:
 
 def _image_states(model, inputs) -> torch.Tensor | None:
     """Mllama's projected image features (what its cross-attention layers attend to), computed once."""
-    inner = getattr(model, "model", None)
-    base = getattr(model, "base_model", None)
-    for m in (inner, getattr(getattr(base, "model", None), "model", None)):
-        if m is not None and hasattr(m, "vision_model") and hasattr(m, "multi_modal_projector"):
-            vision = m.vision_model(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
-                                    aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
-            hidden = m.multi_modal_projector(vision)
-            return hidden.reshape(-1, hidden.shape[-2], hidden.shape[-1])
-    raise ValueError(f"{type(model).__name__} is not an Mllama model: stage search reuses Mllama's image states")
+    from stagereason.infer.decode import mllama_parts
+
+    m, _ = mllama_parts(model)
+    if m is None:
+        raise ValueError(f"{type(model).__name__} is not an Mllama model: stage search reuses Mllama's image states")
+    vision = m.vision_model(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                            aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
+    hidden = m.multi_modal_projector(vision)
+    return hidden.reshape(-1, hidden.shape[-2], hidden.shape[-1])

@@ -34,18 +34,24 @@ class SelfJudge:
     """
 
     def __init__(self, model, processor):
+        from stagereason.infer.decode import cross_layers
+
         self.model, self.processor = model, processor
         tok = processor.tokenizer
         self.label_ids = [tok.encode(x, add_special_tokens=False)[0] for x in ("1", "2")]
+        self._cross = cross_layers(model)
+        self._head: tuple[list[int], object] | None = None  # the last shared opening run, and its cache
 
-    def _prompt(self, question: str, so_far: str, stage: str, first: str, second: str) -> str:
+    def _prompt(self, question: str, so_far: str, stage: str, first: str, second: str, n_images: int = 1) -> str:
+        """The comparison prompt. Everything but the two candidates comes first, so all the prompts of a
+        question share a long opening (run once, kept across rounds and stages) and each prompt's own
+        part is little more than its two candidates."""
         from stagereason.infer.generate import user_message
 
         part = "the whole answer" if stage == "ANSWER" else f"the {stage} stage"
         text = (f"Question: {question}\n\nAnswer so far:\n{so_far or '(nothing yet)'}\n\n"
-                f"Two candidates for {part}:\nCandidate 1: {first}\nCandidate 2: {second}\n\n"
-                f"{CRITERIA[stage]} Which candidate is better? Answer with 1 or 2.")
-        n_images = 1 if self._prefix_images else 0
+                f"{CRITERIA[stage]} Which of two candidates for {part} is better?\n\n"
+                f"Candidate 1: {first}\nCandidate 2: {second}\n\nAnswer with 1 or 2.")
         return self.processor.apply_chat_template(user_message(text, n_images), add_generation_prompt=True)
 
     @torch.no_grad()
@@ -53,13 +59,17 @@ class SelfJudge:
         """P(first is better) for each pair, averaged over both orders.
 
         All prompts of the call share their opening (template, image, question,
-        answer so far): it is run once, its cache copied to every prompt, and
-        only each prompt's own tokens are run after it, in one batch.
+        answer so far, criteria): it is run once, its cache copied to every
+        prompt, and only each prompt's own tokens are run after it, in one
+        batch. The opening's cache is kept: a later call (the next knockout
+        round, the next stage) runs only what its opening adds.
         """
-        self._prefix_images = bool(prefix.images)
+        from stagereason.infer.decode import fork_cache
+
         so_far = prefix.text  # decoded once, not once per prompt
-        texts = [self._prompt(question, so_far, stage, a, b) for a, b in pairs]
-        texts += [self._prompt(question, so_far, stage, b, a) for a, b in pairs]
+        n_images = 1 if prefix.images else 0
+        texts = [self._prompt(question, so_far, stage, a, b, n_images) for a, b in pairs]
+        texts += [self._prompt(question, so_far, stage, b, a, n_images) for a, b in pairs]
         tok = self.processor.tokenizer
         seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
         shared = 0
@@ -69,13 +79,7 @@ class SelfJudge:
             raise ValueError("the judge prompts share no opening token; the chat template must start them alike")
         device, rows = self.model.device, len(seqs)
         xmask = self._cross_mask(prefix, seqs[0])
-        kwargs = {}
-        if xmask is not None:
-            kwargs = {"cross_attention_states": prefix.xstates, "cross_attention_mask": xmask[:, :shared]}
-        head = torch.tensor([seqs[0][:shared]], device=device)
-        cache = self.model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True,
-                           logits_to_keep=1, **kwargs).past_key_values
-        cache.batch_repeat_interleave(rows)
+        cache = fork_cache(self._opening(prefix, seqs[0][:shared], xmask), rows)
         tails = [x[shared:] for x in seqs]
         width = max(len(t) for t in tails)
         ids = torch.tensor([t + [tok.pad_token_id] * (width - len(t)) for t in tails], device=device)
@@ -93,6 +97,30 @@ class SelfJudge:
         two = logits[:, self.label_ids].softmax(-1)[:, 0]  # P("1")
         n = len(pairs)
         return [((two[i] + (1 - two[n + i])) / 2).item() for i in range(n)]
+
+    def _opening(self, prefix, head: list[int], xmask):
+        """The cache of ``head`` run through the model, reusing the longest run opening it starts with."""
+        from stagereason.infer.decode import crop_cache
+
+        common, cache = 0, None
+        if self._head is not None and self._head[2] is prefix:
+            old, old_cache, _ = self._head
+            while common < min(len(old), len(head)) and old[common] == head[common]:
+                common += 1
+            if common:
+                cache = crop_cache(old_cache, common, self._cross)
+        if common < len(head):
+            new = torch.tensor([head[common:]], device=self.model.device)
+            kwargs = {}
+            if xmask is not None:
+                kwargs["cross_attention_mask"] = xmask[:, :len(head)]
+                if cache is None:  # first run: the image's keys/values come from the prefix's image states
+                    kwargs["cross_attention_states"] = prefix.xstates
+            cache = self.model(input_ids=new, attention_mask=torch.ones(1, len(head), dtype=torch.long,
+                                                                         device=self.model.device),
+                               past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).past_key_values
+        self._head = (list(head), cache, prefix)
+        return cache
 
     def _cross_mask(self, prefix, ids: list[int]):
         """Mllama's cross-attention mask for a judge prompt: from its image token on, the prefix image's tiles."""

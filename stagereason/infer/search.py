@@ -71,7 +71,7 @@ def _stage_round(prefix: Prefix, stage: str, n: int, opts: dict, judge: _Judge, 
                                          scores=judge.kind == "loglik" and n > 1)
     texts = [prefix.tok.decode(r, skip_special_tokens=True) for r in rows]
     winner, comparisons, scores = judge.pick(prefix, stage, texts, logliks)
-    prefix.extend(rows[winner])
+    prefix.take(winner)
     stops = [stop] if isinstance(stop, str) else stop
     return {"candidates": [{"text": t, "tokens": len(r), "reached_stop": any(s in t for s in stops)}
                            for t, r in zip(texts, rows, strict=True)],

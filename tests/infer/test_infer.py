@@ -55,10 +55,12 @@ def test_a_seed_reproduces_and_another_differs(reasoner, image):
 
 
 def _plain_inputs(reasoner, image, question, extra_ids=()):
+    """The prompt (plus ``extra_ids``) encoded from scratch, as a user of plain transformers would."""
     p = reasoner.processor
     text = p.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
                                  add_generation_prompt=True)
-    inputs = p(images=[[Image.open(image).convert("RGB")]], text=[text], add_special_tokens=False, return_tensors="pt")
+    picture = image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+    inputs = p(images=[[picture]], text=[text], add_special_tokens=False, return_tensors="pt")
     if extra_ids:
         extra = torch.tensor([list(extra_ids)])
         inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
