@@ -138,8 +138,10 @@ class StageSFTTrainer(SFTTrainer):
     """SFTTrainer whose evaluation also generates on held-out rows: format rate and conclusion accuracy."""
 
     def __init__(self, *args, stage_rows: list[Row] | None = None, stage_max_new_tokens: int = 384,
-                 max_image_side: int | None = None, image_source=None, image_tiles=None, **kwargs):
+                 max_image_side: int | None = None, image_source=None, image_tiles=None, text_only_guess=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.text_only_guess = text_only_guess
         self.add_callback(_FrozenTowers())  # after Trainer.train() turns checkpointing (and its hooks) on
         self.stage_rows, self.stage_max_new_tokens = stage_rows or [], stage_max_new_tokens
         self.max_image_side, self.image_tiles = max_image_side, image_tiles
@@ -177,7 +179,43 @@ class StageSFTTrainer(SFTTrainer):
             self.stage_samples.append({"id": row.id, "question": row.question, "answer": row.answer,
                                        "output": text, "format_ok": ok, "correct": good})
         n = max(len(texts), 1)
-        return {"format_rate": fmt / n, "accuracy": right / n}
+        metrics = {"format_rate": fmt / n, "accuracy": right / n}
+        if self.text_only_guess is not None:  # what the training answers alone get, without the image
+            metrics["text_only_accuracy"] = sum(
+                bool(r.answer) and answers_match(self.text_only_guess(r), r.answer) for r in self.stage_rows) / n
+        return metrics
+
+
+def text_only_guesser(train_rows: list[Row]):
+    """The best guess from the question's text alone, learnt from the training rows.
+
+    A held-out question gets the training rows' most frequent answer to the
+    same question (case and spacing ignored); a question never seen gets the
+    most frequent answer of its family, else of all rows. Stage-aware
+    evaluation reports its accuracy beside the model's, so "above the
+    text-only guess" is measured, not assumed.
+    """
+    from collections import Counter, defaultdict
+
+    def key(q: str) -> str:
+        return " ".join(q.lower().split())
+
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    by_family: dict[str | None, Counter] = defaultdict(Counter)
+    overall: Counter = Counter()
+    for r in train_rows:
+        if r.answer:
+            by_question[key(r.question)][r.answer] += 1
+            by_family[r.family][r.answer] += 1
+            overall[r.answer] += 1
+
+    def guess(row: Row) -> str:
+        for counts in (by_question.get(key(row.question)), by_family.get(row.family), overall):
+            if counts:
+                return counts.most_common(1)[0][0]
+        return ""
+
+    return guess
 
 
 def last_complete_checkpoint(out: Path) -> str | None:
@@ -334,6 +372,7 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
         "peak_memory_gb": _peak_memory_gb(),
         "peak_memory_kind": "cuda max reserved" if torch.cuda.is_available() else "process max RSS",
         "eval": {"format_rate": stage[-1]["eval_format_rate"], "accuracy": stage[-1]["eval_accuracy"],
+                 "text_only_accuracy": stage[-1].get("eval_text_only_accuracy"),
                  "samples": len(trainer.stage_rows)} if stage else None,
         "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
         "dataset": summary_data,
@@ -435,6 +474,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
             eval_dataset=to_dataset(eval_kept) if eval_kept else None, processing_class=processor,
             data_collator=collator, peft_config=_peft_config(cfg),
             stage_rows=eval_kept[: cfg.stage_eval_samples], stage_max_new_tokens=cfg.stage_eval_max_new_tokens,
+            text_only_guess=text_only_guesser(kept),
             max_image_side=max_side, image_source=source, image_tiles=tiles,
         )
     finally:
@@ -473,6 +513,7 @@ def run_train(cfg: TrainConfig) -> dict:
     shown = {k: v for k, v in summary.items() if k not in ("dataset", "eval")}
     if summary["eval"]:
         shown.update({"eval_format_rate": summary["eval"]["format_rate"],
-                      "eval_accuracy": summary["eval"]["accuracy"]})
+                      "eval_accuracy": summary["eval"]["accuracy"],
+                      "eval_text_only_accuracy": summary["eval"]["text_only_accuracy"]})
     report(f"trained: {cfg.output_dir}", shown, cfg.json)
     return summary

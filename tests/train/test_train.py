@@ -21,8 +21,8 @@ from transformers import AutoProcessor
 from stagereason.cli import main
 from stagereason.config import parse_config
 from stagereason.train.collate import StageCollator
-from stagereason.train.data import load_rows
-from stagereason.train.runner import TrainConfig, build_trainer
+from stagereason.train.data import Row, load_rows
+from stagereason.train.runner import TrainConfig, build_trainer, text_only_guesser
 from stagereason.train.templates import training_chat_template
 
 
@@ -191,7 +191,8 @@ def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
     summary = json.loads((out / "train_summary.json").read_text())
     for key in ("steps", "final_train_loss", "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_gb"):
         assert summary[key] is not None, key
-    assert summary["steps"] == 2 and set(summary["eval"]) >= {"format_rate", "accuracy"}
+    assert summary["steps"] == 2 and set(summary["eval"]) >= {"format_rate", "accuracy", "text_only_accuracy"}
+    assert 0 <= summary["eval"]["text_only_accuracy"] <= 1
     info = json.loads((out / "run_info.json").read_text())
     assert info["base_model"] == str(tiny_dir) and info["peft"] == "lora" and info["precision"] == "fp32"
     assert {"torch", "transformers", "trl", "peft"} <= set(info["versions"])
@@ -409,3 +410,19 @@ def test_a_corrupt_image_met_while_training_names_its_file(tmp_path):
         open_image(str(bad), 560)
     with pytest.raises(FileNotFoundError, match="gone.png"):
         open_image(str(tmp_path / "gone.png"), 560)
+
+
+def test_the_text_only_guess_is_the_commonest_answer_to_the_same_question_else_of_the_family():
+    def row(q, a, fam):
+        return Row(id=q + a, messages=[], images=[], answer=a, question=q, family=fam)
+
+    train = [row("How many red?", "2", "count"), row("how many  RED?", "2", "count"),
+             row("How many red?", "3", "count"), row("How many blue?", "4", "count"),
+             row("How many blue?", "4", "count"), row("How many cats?", "4", "count"),
+             row("Is it left?", "yes", "spatial")]
+    guess = text_only_guesser(train)
+    assert guess(row("HOW MANY RED?", "?", "count")) == "2"  # same question, case and spacing aside
+    assert guess(row("How many green?", "?", "count")) == "4"  # unseen: the family's commonest
+    assert guess(row("Is it right?", "?", "spatial")) == "yes"
+    assert guess(row("What is it?", "?", None)) == "4"  # nothing to go on: the commonest overall
+    assert text_only_guesser([])(row("Q?", "a", None)) == ""
