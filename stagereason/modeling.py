@@ -178,6 +178,7 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device_map: str | dict | None = "auto",
     check_processor=None,
+    processor=None,
 ):
     """Load an image-text-to-text model and its processor.
 
@@ -196,6 +197,7 @@ def load_model(
             accelerate), keeps the CPU otherwise; anything else goes to transformers.
         check_processor: called with the processor before any weight is loaded
             (so a model its caller cannot use fails in seconds, not minutes).
+        processor: the processor, when the caller has loaded it already.
 
     Returns:
         ``(model, processor)``.
@@ -215,11 +217,12 @@ def load_model(
     except OSError as err:
         raise FileNotFoundError(f"model {name_or_path} is neither a local model directory nor a hub model that "
                                 f"can be reached ({type(err).__name__})") from err
-    processor_src = name_or_path
-    if adapter is not None and ((Path(adapter) / "processor_config.json").is_file()
-                                or (Path(adapter) / "tokenizer_config.json").is_file()):
-        processor_src = str(adapter)
-    processor = AutoProcessor.from_pretrained(processor_src)
+    if processor is None:
+        processor_src = name_or_path
+        if adapter is not None and ((Path(adapter) / "processor_config.json").is_file()
+                                    or (Path(adapter) / "tokenizer_config.json").is_file()):
+            processor_src = str(adapter)
+        processor = AutoProcessor.from_pretrained(processor_src)
     if check_processor is not None:
         check_processor(processor)
     cls = _model_class(config)

@@ -33,6 +33,18 @@ def mllama_parts(model):
     return None, None
 
 
+def _with_layers(cache, kv):
+    """A shallow copy of a dynamic ``cache`` whose filled layers hold ``kv(i, keys, values)``."""
+    new = copy.copy(cache)
+    new.layers = []
+    for i, layer in enumerate(cache.layers):
+        dup = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None:
+            dup.keys, dup.values = kv(i, layer.keys, layer.values)
+        new.layers.append(dup)
+    return new
+
+
 def fork_cache(cache, n: int):
     """A cache for ``n`` rows continuing ``cache``; ``cache`` itself is left as it is.
 
@@ -47,25 +59,23 @@ def fork_cache(cache, n: int):
         if n > 1:
             new.batch_repeat_interleave(n)
         return new
-    new = copy.copy(cache)
-    new.layers = []
-    for layer in cache.layers:
-        dup = copy.copy(layer)
-        if getattr(layer, "keys", None) is not None and n > 1:
-            dup.keys = layer.keys.repeat_interleave(n, dim=0)
-            dup.values = layer.values.repeat_interleave(n, dim=0)
-        new.layers.append(dup)
-    return new
+    if n == 1:
+        return _with_layers(cache, lambda i, k, v: (k, v))
+    return _with_layers(cache, lambda i, k, v: (k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)))
 
 
 def crop_cache(cache, length: int, keep: set[int]):
     """A copy of ``cache`` holding only its first ``length`` positions; layers in ``keep`` (Mllama's image
     keys/values in cross-attention layers) are kept whole. ``cache`` itself is left as it is."""
-    new = fork_cache(cache, 1)
-    for i, layer in enumerate(new.layers):
-        if i not in keep and getattr(layer, "keys", None) is not None:
-            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
-    return new
+    return _with_layers(cache, lambda i, k, v: (k, v) if i in keep else (k[..., :length, :], v[..., :length, :]))
+
+
+def _row_of(cache, b: int, copy_out: bool):
+    """Row ``b`` of a batch cache as a one-row cache: copied while the batch goes on (a view would keep the
+    whole batch's tensors alive), a view once the batch is done."""
+    if copy_out:
+        return _with_layers(cache, lambda i, k, v: (k[b:b + 1].clone(), v[b:b + 1].clone()))
+    return _with_layers(cache, lambda i, k, v: (k[b:b + 1], v[b:b + 1]))
 
 
 def cross_layers(model) -> set[int]:
@@ -89,7 +99,7 @@ class Stepper:
     """
 
     def __init__(self, model, step_xmask: torch.Tensor | None):
-        self.model, self.raw_xmask = model, step_xmask
+        self.model = model
         self.mllama, self.lm_head = mllama_parts(model)
         self.xmask = self.full_row = None
         if self.mllama is not None and step_xmask is not None:
@@ -123,10 +133,9 @@ class Stepper:
     def _forward(self, ids, cache, position):
         b = ids.shape[0]
         pos = torch.tensor([[position]], device=ids.device)
-        if self.mllama is None:
-            kwargs = {} if self.raw_xmask is None else {"cross_attention_mask": self.raw_xmask.expand(b, -1, -1, -1)}
+        if self.mllama is None:  # a text-only model: no cross-attention mask to pass
             out = self.model(input_ids=ids, past_key_values=cache, position_ids=pos.expand(b, -1), use_cache=True,
-                             logits_to_keep=1, **kwargs)
+                             logits_to_keep=1)
             return out.logits[:, -1].float()
         kwargs = {}
         if self.xmask is not None:
@@ -277,7 +286,7 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
             nxt = logits.argmax(-1)
         if scores:
             picked = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
-        keep = []
+        keep, ended = [], []
         for b, (r, t) in enumerate(zip(alive, nxt.tolist(), strict=True)):
             if t in eos:
                 done = True
@@ -286,10 +295,10 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
                 if scores:
                     logp_sum[r] += picked[b]
                 done = stop_check(rows[r]) or i + 1 == max_new_tokens
-            if not done:
-                keep.append(b)
-            elif saved is not None:
-                saved[r] = _row_of(cache, b)
+            (ended if done else keep).append(b)
+        if saved is not None:
+            for b in ended:
+                saved[alive[b]] = _row_of(cache, b, copy_out=bool(keep))
         if not keep:
             break
         if len(keep) < len(alive):
@@ -301,14 +310,3 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
     means = [logp_sum[r] / max(len(rows[r]), 1) for r in range(n)] if scores else None
     return rows, means, saved
 
-
-def _row_of(cache, b: int):
-    """A one-row copy of row ``b`` of a batch cache."""
-    new = copy.copy(cache)
-    new.layers = []
-    for layer in cache.layers:
-        dup = copy.copy(layer)
-        if getattr(layer, "keys", None) is not None:
-            dup.keys, dup.values = layer.keys[b:b + 1].clone(), layer.values[b:b + 1].clone()
-        new.layers.append(dup)
-    return new

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["float_dtype", "generate_greedy", "user_message"]
+__all__ = ["Prefix", "encode_prompt", "float_dtype", "generate_greedy", "user_message"]
 
 
 def user_message(question: str, n_images: int = 1) -> list[dict]:
@@ -55,6 +55,16 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
     return outs
 
 
+def encode_prompt(model, processor, images: list, question: str):
+    """One question's prompt (chat template, generation prompt) and images as model inputs on its device."""
+    text = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
+    inputs = processor(images=[images] if images else None, text=[text], add_special_tokens=False,
+                       return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(float_dtype(model))
+    return inputs
+
+
 class Prefix:
     """A prompt encoded once: token ids, the KV cache of all but the last token, and the image states.
 
@@ -72,12 +82,7 @@ class Prefix:
         self.model, self.processor = model, processor
         self.tok = processor.tokenizer
         self.images = images
-        text = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
-        inputs = processor(images=[images] if images else None, text=[text], add_special_tokens=False,
-                           return_tensors="pt").to(model.device)
-        self.dtype = float_dtype(model)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs = encode_prompt(model, processor, images, question)
         self.ids = inputs["input_ids"]
         self.xmask = inputs.get("cross_attention_mask")
         self.xstates = None
@@ -97,12 +102,12 @@ class Prefix:
         """What has been generated or forced after the prompt."""
         return self.tok.decode(self.ids[0, self.prompt_len:], skip_special_tokens=False)
 
-    def _mask_for(self, length: int, batch: int = 1):
+    def _mask_for(self, length: int):
         if self.xmask is None:
             return None
         extra = length - self.xmask.shape[1]
         mask = self.xmask if extra <= 0 else torch.cat([self.xmask, self.xmask[:, -1:].expand(-1, extra, -1, -1)], 1)
-        return mask[:, :length].expand(batch, -1, -1, -1)
+        return mask[:, :length]
 
     def extend(self, new_ids: list[int]) -> None:
         """Append tokens; they are run through the model when the cache is next needed."""
@@ -119,11 +124,10 @@ class Prefix:
             raise RuntimeError("take() picks from the last continuations(); none since the prefix last changed")
         rows, caches = self._candidates
         self._candidates = None
-        if caches is None or caches[index] is None:
-            return self.extend(rows[index])
         self.extend(rows[index])
-        self.cache = crop_cache(caches[index], self.ids.shape[1] - 1, cross_layers(self.model))
-        self.cached = self.ids.shape[1] - 1
+        if caches[index] is not None:  # None: the call generated nothing (no step ran)
+            self.cache = crop_cache(caches[index], self.ids.shape[1] - 1, cross_layers(self.model))
+            self.cached = self.ids.shape[1] - 1
 
     @torch.no_grad()
     def _sync(self) -> None:

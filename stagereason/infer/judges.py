@@ -40,7 +40,7 @@ class SelfJudge:
         tok = processor.tokenizer
         self.label_ids = [tok.encode(x, add_special_tokens=False)[0] for x in ("1", "2")]
         self._cross = cross_layers(model)
-        self._head: tuple[list[int], object] | None = None  # the last shared opening run, and its cache
+        self._head: tuple[list[int], object, object] | None = None  # last shared opening run: ids, cache, prefix
 
     def _prompt(self, question: str, so_far: str, stage: str, first: str, second: str, n_images: int = 1) -> str:
         """The comparison prompt. Everything but the two candidates comes first, so all the prompts of a

@@ -200,19 +200,12 @@ def run_greedy_batch(model, processor, items: list[tuple[list, str]], *, max_sta
     """
     import torch
 
-    from stagereason.infer.generate import _eos_ids, float_dtype, user_message
+    from stagereason.infer.generate import _eos_ids, encode_prompt
 
     tok = processor.tokenizer
-    dtype, eos = float_dtype(model), set(_eos_ids(model))
+    eos = set(_eos_ids(model))
     t0 = time.perf_counter()
-    rows = []
-    for images, question in items:
-        text = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
-        inputs = processor(images=[images] if images else None, text=[text], add_special_tokens=False,
-                           return_tensors="pt").to(model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        rows.append(_Row(tok, dict(inputs)))
+    rows = [_Row(tok, dict(encode_prompt(model, processor, images, question))) for images, question in items]
     encode_s = (time.perf_counter() - t0) / max(len(items), 1)
     logs: list[list[dict]] = [[] for _ in rows]
     groups = [[i for i, (imgs, _) in enumerate(items) if bool(imgs) == has] for has in (True, False)]

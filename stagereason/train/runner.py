@@ -387,13 +387,13 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
     return summary
 
 
-def _load(cfg: TrainConfig):
+def _load(cfg: TrainConfig, processor):
     from stagereason.modeling import load_model
 
     quant = "4bit" if cfg.peft == "qlora" else None
     model, processor = load_model(cfg.model_name_or_path, quantization=quant,
                                   attn_implementation=cfg.attn_implementation,
-                                  dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
+                                  dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32", processor=processor)
     if quant:
         _prepare_kbit(model)
     return model, processor
@@ -454,7 +454,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     if data["too_long_dropped"]:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
-    model, processor = _load(cfg)
+    model, processor = _load(cfg, processor)  # the processor loaded above for the token counts
     if clear:  # data and model are in hand: only now does the previous run go
         logger.warning("removing the previous contents of %s (--overwrite_output_dir)", cfg.output_dir)
         shutil.rmtree(cfg.output_dir)
