@@ -34,11 +34,23 @@ def _rejects(out):
     return {r["id"]: r["reason"] for r in recs}
 
 
-def _kill_at_random_moments(cmd, rng, kills, lo, hi):
+def _written(out) -> int:
+    return sum((out / name).read_bytes().count(b"\n") for name in ("data.jsonl", "rejects.jsonl")
+               if (out / name).exists())
+
+
+def _kill_at_random_moments(cmd, out, rng, kills, lo, hi):
+    """SIGKILL ``kills`` runs, each once it has written between ``lo`` and ``hi`` more lines (a random number).
+
+    Kills follow progress, not the clock, so they land mid-run on a fast machine and a slow one alike;
+    polling every few milliseconds, a kill still falls anywhere in a write.
+    """
     for _ in range(kills):
+        target = _written(out) + rng.randint(lo, hi)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        time.sleep(rng.uniform(lo, hi))
+        while proc.poll() is None and _written(out) < target:
+            time.sleep(0.003)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
@@ -55,7 +67,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run_with_a_teacher(tmp_path):
                           teacher.url, "--teacher_model", "m", "--concurrency", "2", "--backoff", "0.01"]
 
         subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True)
-        _kill_at_random_moments(cmd(tmp_path / "killed"), rng, kills=4, lo=0.5, hi=1.5)
+        _kill_at_random_moments(cmd(tmp_path / "killed"), tmp_path / "killed", rng, kills=4, lo=3, hi=30)
         partial = _records(tmp_path / "killed")
         assert 0 < len(partial) + len(_rejects(tmp_path / "killed")) < 200, "kills should land mid-run"
         requests_before = teacher.requests
@@ -75,7 +87,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run_synthetic(tmp_path):
     rng = random.Random(99)
     base = GEN + ["--n", "2500", "--seed", "3"]
     subprocess.run(base + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
-    _kill_at_random_moments(base + ["--out", str(tmp_path / "killed")], rng, kills=4, lo=0.6, hi=2.5)
+    _kill_at_random_moments(base + ["--out", str(tmp_path / "killed")], tmp_path / "killed", rng, kills=4,
+                            lo=50, hi=400)
     assert 0 < len(_records(tmp_path / "killed")) < 2500
     subprocess.run(base + ["--out", str(tmp_path / "killed")], check=True, capture_output=True)
     assert _records(tmp_path / "killed") == _records(tmp_path / "ref")
