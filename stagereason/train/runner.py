@@ -54,6 +54,9 @@ class TrainConfig(SFTConfig):
     lora_target_modules: str = _f(TEXT_DECODER_TARGETS, "Regex of modules to adapt; the default is the text "
                                                         "decoder's projections, cross-attention included.")
     vision_lora: bool = _f(False, "Also adapt the vision tower's attention and MLP.")
+    freeze_vision_tower: bool = _f(False, "Full fine-tuning (--peft none): keep the vision tower's weights as "
+                                          "loaded; the projector and text decoder train. (LoRA leaves the tower "
+                                          "frozen unless --vision_lora.)")
     attn_implementation: str = _f("auto", "auto (FlashAttention-2 where supported, else SDPA), sdpa, eager, ...")
     max_image_tiles: int | None = _f(None, "Cap on image tiles per image (Mllama); fewer tiles = less memory.")
     max_image_side: int | None = _f(None, "Cap on an image's longest side before processing (default: tile size "
@@ -81,6 +84,8 @@ class TrainConfig(SFTConfig):
     save_total_limit: int | None = _f(2, "Checkpoints kept.")
 
     def __post_init__(self):
+        if self.freeze_vision_tower and self.vision_lora:
+            raise ValueError("--freeze_vision_tower and --vision_lora contradict each other: choose one")
         if isinstance(self.gradient_checkpointing_kwargs, str):
             self.gradient_checkpointing_kwargs = json.loads(self.gradient_checkpointing_kwargs)
         # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; both names work here,
@@ -396,7 +401,19 @@ def _load(cfg: TrainConfig, processor):
                                   dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32", processor=processor)
     if quant:
         _prepare_kbit(model)
+    if cfg.freeze_vision_tower:
+        _vision_tower(model).requires_grad_(False)
     return model, processor
+
+
+def _vision_tower(model):
+    """The vision encoder of a loaded VLM (the projector is not part of it)."""
+    for name in ("vision_model", "vision_tower", "visual"):
+        for where in (model, getattr(model, "model", None)):
+            tower = getattr(where, name, None) if where is not None else None
+            if isinstance(tower, torch.nn.Module):
+                return tower
+    raise ValueError(f"--freeze_vision_tower: found no vision tower in {type(model).__name__}")
 
 
 def _prepare_kbit(model) -> None:

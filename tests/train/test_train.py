@@ -178,6 +178,21 @@ def test_full_finetuning_changes_every_weight_that_gets_a_gradient(tiny_dir, sce
     assert "lm_head.weight" not in unchanged and "model.multi_modal_projector.weight" not in unchanged
 
 
+def test_frozen_vision_tower_keeps_its_weights_while_the_rest_trains(tiny_dir, scenes, tmp_path):
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "none", "--freeze_vision_tower", "true"))
+    model = setup.trainer.model
+    before = _snapshot(model)
+    setup.trainer.train()
+    after = _snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    tower = {n for n in before if n.startswith("model.vision_model.")}
+    assert tower and not tower & changed
+    assert {"lm_head.weight", "model.multi_modal_projector.weight"} <= changed
+    assert len(changed) >= len(before) - len(tower) - 2  # the text decoder trains as in full fine-tuning
+    with pytest.raises(ValueError, match="--freeze_vision_tower and --vision_lora"):
+        _cfg(tiny_dir, scenes, tmp_path / "other", "--freeze_vision_tower", "true", "--vision_lora", "true")
+
+
 def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes), "--output_dir", str(out),
