@@ -20,7 +20,8 @@ _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
-# Top-level parts of a VLM that stay in full precision under 4/8-bit loading.
+# Names VLMs give their vision encoder, and the parts that stay in full precision under 4/8-bit loading.
+_VISION_TOWER = re.compile(r"(^|\.)(vision_model|vision_tower|visual)$")
 _KEEP_FULL_PRECISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|mm_projector)$")
 
 
@@ -119,6 +120,11 @@ def non_quantized_modules(config) -> list[str]:
         if module is model.get_output_embeddings():
             out_name = name
     return keep + [out_name]
+
+
+def vision_tower(model) -> torch.nn.Module | None:
+    """The vision encoder of a loaded VLM (outermost module with a vision-tower name; not the projector)."""
+    return next((m for name, m in model.named_modules() if _VISION_TOWER.search(name)), None)
 
 
 def quantization_config(config, quantization: str | None, compute_dtype: torch.dtype):

@@ -393,7 +393,7 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
 
 
 def _load(cfg: TrainConfig, processor):
-    from stagereason.modeling import load_model
+    from stagereason.modeling import load_model, vision_tower
 
     quant = "4bit" if cfg.peft == "qlora" else None
     model, processor = load_model(cfg.model_name_or_path, quantization=quant,
@@ -402,18 +402,12 @@ def _load(cfg: TrainConfig, processor):
     if quant:
         _prepare_kbit(model)
     if cfg.freeze_vision_tower:
-        _vision_tower(model).requires_grad_(False)
+        tower = vision_tower(model)
+        if tower is None:
+            raise ValueError(f"--freeze_vision_tower: {cfg.model_name_or_path} ({type(model).__name__}) has no "
+                             "vision tower (no module named vision_model, vision_tower or visual)")
+        tower.requires_grad_(False)
     return model, processor
-
-
-def _vision_tower(model):
-    """The vision encoder of a loaded VLM (the projector is not part of it)."""
-    for name in ("vision_model", "vision_tower", "visual"):
-        for where in (model, getattr(model, "model", None)):
-            tower = getattr(where, name, None) if where is not None else None
-            if isinstance(tower, torch.nn.Module):
-                return tower
-    raise ValueError(f"--freeze_vision_tower: found no vision tower in {type(model).__name__}")
 
 
 def _prepare_kbit(model) -> None:
