@@ -190,8 +190,7 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
     if torch.cuda.is_available():
         result.update({"model_loaded_gb": round(weights, 2),
                        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                       "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                       "gpu": torch.cuda.get_device_name()})
+                       "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
     return result
 
 
@@ -200,7 +199,7 @@ def infer(model_dir: Path, max_stage_tokens: int, repeats: int) -> dict:
     from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from infer import _best_time, plain_greedy  # bench/infer.py
+    from infer import best_of_interleaved, plain_greedy  # bench/infer.py
     from stagereason.infer.reasoner import Reasoner
     from stagereason.stages import STAGES
 
@@ -208,24 +207,12 @@ def infer(model_dir: Path, max_stage_tokens: int, repeats: int) -> dict:
     model, processor = reasoner.model, reasoner.processor
     image = Image.new("RGB", (1120, 1120), "white")  # 4 tiles
     question = "How many red objects are there in the image?"
-
-    def sync(fn):
-        def run():
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        return run
-
-    runs = {"greedy": sync(lambda: plain_greedy(model, processor, image, question, max_stage_tokens * len(STAGES)))}
+    runs = {"greedy": lambda: plain_greedy(model, processor, image, question, max_stage_tokens * len(STAGES))}
     for n in (2, 4):
-        runs[f"stage_n{n}"] = sync(lambda n=n: reasoner.answer(image, question, search="stage", beam_size=n,
-                                                               judge="self", seed=None))
-    best = dict.fromkeys(runs, float("inf"))
-    with torch.no_grad():
-        sync(lambda: plain_greedy(model, processor, image, question, 8))()  # warm-up
-        for _ in range(repeats):  # interleaved, so a slower spell of the machine hits every variant alike
-            for name, fn in runs.items():
-                best[name] = min(best[name], _best_time(fn, 1))
+        runs[f"stage_n{n}"] = lambda n=n: reasoner.answer(image, question, search="stage", beam_size=n, judge="self",
+                                                          seed=None)
+    best_of_interleaved({"warm-up": lambda: plain_greedy(model, processor, image, question, 8)}, 1)
+    best = best_of_interleaved(runs, repeats)
     greedy = best["greedy"]
     result = {"max_stage_tokens": max_stage_tokens, "repeats": repeats}
     for n in (2, 4):
@@ -234,7 +221,6 @@ def infer(model_dir: Path, max_stage_tokens: int, repeats: int) -> dict:
     result["greedy_s"] = round(greedy, 3)
     result["dtype"] = str(next(model.parameters()).dtype)
     if torch.cuda.is_available():
-        result["gpu"] = torch.cuda.get_device_name()
         result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
 

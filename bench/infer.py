@@ -87,11 +87,20 @@ def plain_greedy(model, processor, image, question, max_new_tokens):
     return tok.decode(out[0, inputs["input_ids"].shape[1]:])
 
 
-def _timed(fn, seed):
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def best_of_interleaved(runs: dict, repeats: int) -> dict:
+    """Best wall time of each variant over ``repeats`` rounds, the variants interleaved within a round (a slow spell
+    of the machine hits every variant alike); round r seeds torch with r. GPU work is waited for."""
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.no_grad():
+        for r in range(repeats):
+            for name, fn in runs.items():
+                torch.manual_seed(r)
+                t0 = time.perf_counter()
+                fn()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
@@ -122,11 +131,7 @@ def main() -> None:
         runs[f"ours_n{n}"] = lambda n=n: reasoner.answer(image, question, search="stage", beam_size=n, judge="self",
                                                          seed=None)
         runs[f"naive_n{n}"] = lambda n=n: naive_stage_search(model, processor, image, question, n, cap)
-    best = dict.fromkeys(runs, float("inf"))
-    with torch.no_grad():
-        for r in range(args.repeats):  # interleaved: a slow spell of the machine hits every variant alike
-            for name, fn in runs.items():
-                best[name] = min(best[name], _timed(fn, r))
+    best = best_of_interleaved(runs, args.repeats)
     greedy, result = best["greedy"], {}
     for n in (2, 4):
         ours, naive = best[f"ours_n{n}"], best[f"naive_n{n}"]
