@@ -242,6 +242,8 @@ def main() -> None:
     args, overrides = p.parse_known_args()  # unknown flags go to `stagereason train`
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1 (the first step compiles and allocates)")
+    if args.repeats < 1 or args.max_stage_tokens < 1:
+        p.error("--repeats and --max_stage_tokens must be at least 1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

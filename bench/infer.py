@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--max_stage_tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    if args.repeats < 1 or args.max_stage_tokens < 1:
+        p.error("--repeats and --max_stage_tokens must be at least 1")
 
     from transformers.utils import logging as hf_logging
 

@@ -42,6 +42,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     from stagereason.stages import answers_match
     from stagereason.train.data import load_rows
 
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"--limit {cfg.limit}: must be at least 1 (leave it out to evaluate every row)")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch_size {cfg.batch_size}: must be at least 1")
     out = Path(cfg.out)
     for name in ("report.json", "predictions.jsonl"):
         if (out / name).exists() and not cfg.force:
@@ -59,7 +63,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                         disable=not cfg.progress)
     with progress:
         task = progress.add_task("eval", total=len(rows), acc=0.0)
-        step = cfg.batch_size if cfg.search == "greedy" and cfg.batch_size > 1 else 1
+        step = cfg.batch_size if cfg.search == "greedy" else 1
         for start in range(0, len(rows), step):
             chunk, items = [], []
             for row in rows[start:start + step]:

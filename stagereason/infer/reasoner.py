@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import random
 import time
@@ -129,11 +130,11 @@ class Reasoner:
         """
         if kwargs.get("search", "stage") != "greedy" or len(items) < 2 or batch_size < 2:
             return [self.answer(image, question, **kwargs) for image, question in items]
-        from stagereason.infer.search import run_greedy_batch
+        from stagereason.infer.search import check_options, run_greedy_batch
 
-        unknown = set(kwargs) - {"search", "beam_size", "judge", "seed", "max_stage_tokens", "temperature"}
-        if unknown:
-            raise TypeError(f"answer_batch() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        options = inspect.signature(self.answer).bind(None, "", **kwargs)  # TypeError on an unknown option
+        options.apply_defaults()
+        check_options("greedy", options.arguments["beam_size"], options.arguments["judge"])
         prepared = []
         for k, (image, question) in enumerate(items):
             try:

@@ -102,6 +102,8 @@ def run_infer(cfg: InferConfig) -> dict:
         raise ValueError("--question is empty")
     # a missing or unreadable image, or nowhere to write the page, fails before the model loads
     image = None if cfg.image is None else load_image(cfg.image)
+    if cfg.html and Path(cfg.html).is_dir():
+        raise ValueError(f"--html {cfg.html} is a folder; name the page's file, e.g. {Path(cfg.html) / 'search.html'}")
     if cfg.html and not Path(cfg.html).resolve().parent.is_dir():
         raise FileNotFoundError(f"--html {cfg.html}: folder {Path(cfg.html).resolve().parent} does not exist")
     reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,

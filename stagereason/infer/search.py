@@ -37,8 +37,6 @@ class _Judge:
         self.fn = judge if callable(judge) else None
         self.self_judge = SelfJudge(model, processor) if judge == "self" else None
         self.image, self.question = image, question
-        if isinstance(judge, str) and judge not in ("self", "loglik"):
-            raise ValueError(f"unknown judge {judge!r}; use self, loglik or a callable")
 
     def pick(self, prefix: Prefix, stage: str, texts: list[str], logliks: list[float] | None):
         if len(texts) == 1:
@@ -125,18 +123,25 @@ def _repair(text: str) -> StagedTrace:
         return StagedTrace(**fill, problems=tuple(t.problems) or tuple(strict_err.problems))
 
 
+def check_options(search: str, beam_size: int, judge) -> None:
+    """Raise ValueError for an unknown search or judge, or a beam size below 1 where it is used."""
+    if search not in STRATEGIES:
+        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(STRATEGIES)}")
+    if search not in ("greedy", "sample") and beam_size < 1:
+        raise ValueError("beam_size must be at least 1")
+    if not callable(judge) and judge not in ("self", "loglik"):
+        raise ValueError(f"unknown judge {judge!r}; use self, loglik or a callable")
+
+
 def run_search(model, processor, images: list, question: str, *, search: str = "stage", beam_size: int = 4,
                judge: str | Callable = "self", max_stage_tokens: int = 256, temperature: float = 0.7,
                top_p: float = 0.95) -> tuple[StagedTrace, str, list[dict], float]:
     """Run one strategy; returns ``(trace, raw_text, search_log, encode_seconds)``."""
-    if search not in STRATEGIES:
-        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(STRATEGIES)}")
+    check_options(search, beam_size, judge)
     t0 = time.perf_counter()
     prefix = Prefix(model, processor, images, question)
     encode_s = time.perf_counter() - t0
     n = 1 if search in ("greedy", "sample") else beam_size
-    if n < 1:
-        raise ValueError("beam_size must be at least 1")
     opts = {"do_sample": search != "greedy", "temperature": temperature, "top_p": top_p,
             "max_stage_tokens": max_stage_tokens}
     judge_ = _Judge(judge, model, processor, images[0] if images else None, question)

@@ -222,6 +222,11 @@ def test_answer_batch_greedy_equals_one_at_a_time(tiny_dir, tmp_path):
     assert [e["capped"] for e in many[0].search_log] == [e["capped"] for e in one[0].search_log]
     with pytest.raises(ValueError, match="item 1: the question is empty"):
         r.answer_batch([(None, "ok"), (None, " ")], search="greedy")
+    # options are checked as `answer` checks them, before anything runs
+    with pytest.raises(ValueError, match="unknown judge"):
+        r.answer_batch(items[:2], search="greedy", judge="gpt")
+    with pytest.raises(TypeError, match="beam"):
+        r.answer_batch(items[:2], search="greedy", beams=2)
 
 
 def test_eval_batches_greedy_questions_with_the_same_predictions(tiny_dir, tmp_path, capsys):
@@ -255,8 +260,18 @@ def test_infer_refuses_early_what_it_could_not_finish(tiny_dir, image, tmp_path,
     base = ["infer", "--image", str(image), "--question", "How many?"]
     assert main([*base, "--model", str(tiny_dir), "--html", str(tmp_path / "no" / "t.html")]) == 1
     assert "--html" in capsys.readouterr().err
+    (tmp_path / "pages").mkdir()
+    assert main([*base, "--model", str(tiny_dir), "--html", str(tmp_path / "pages")]) == 1
+    assert "is a folder" in capsys.readouterr().err and not list((tmp_path / "pages").iterdir())
     assert main([*base, "--model", str(tmp_path / "runs" / "nonexist")]) == 1
     assert "neither a local model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [("--limit", "0"), ("--batch_size", "0")])
+def test_eval_refuses_counts_below_one(tiny_dir, tmp_path, capsys, flag):
+    assert main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "ev"),
+                 *flag]) == 1
+    assert f"{flag[0]} 0: must be at least 1" in capsys.readouterr().err and not (tmp_path / "ev").exists()
 
 
 def test_a_repaired_trace_says_it_was_repaired():
