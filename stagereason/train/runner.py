@@ -58,7 +58,8 @@ class TrainConfig(SFTConfig):
                                           "loaded; the projector and text decoder train. (LoRA leaves the tower "
                                           "frozen unless --vision_lora.)")
     attn_implementation: str = _f("auto", "auto (FlashAttention-2 where supported, else SDPA), sdpa, eager, ...")
-    max_image_tiles: int | None = _f(None, "Cap on image tiles per image (Mllama); fewer tiles = less memory.")
+    max_image_tiles: int | None = _f(None, "Cap on image tiles per image (Mllama): images shrink to fit them (lower "
+                                           "resolution; the model still pads to its own tile count).")
     max_image_side: int | None = _f(None, "Cap on an image's longest side before processing (default: tile size "
                                           "x max tiles).")
     chat_template_path: str | None = _f(None, "Training chat template with generation markers (default: "
@@ -146,7 +147,9 @@ class StageSFTTrainer(SFTTrainer):
                  max_image_side: int | None = None, image_source=None, image_tiles=None, text_only_guess=None,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        self.text_only_guess = text_only_guess
+        # what the training answers alone get on the held-out rows, without the image: fixed, so computed once
+        self.text_only_accuracy = None if text_only_guess is None or not stage_rows else sum(
+            bool(r.answer) and answers_match(text_only_guess(r), r.answer) for r in stage_rows) / len(stage_rows)
         self.add_callback(_FrozenTowers())  # after Trainer.train() turns checkpointing (and its hooks) on
         self.stage_rows, self.stage_max_new_tokens = stage_rows or [], stage_max_new_tokens
         self.max_image_side, self.image_tiles = max_image_side, image_tiles
@@ -185,9 +188,8 @@ class StageSFTTrainer(SFTTrainer):
                                        "output": text, "format_ok": ok, "correct": good})
         n = max(len(texts), 1)
         metrics = {"format_rate": fmt / n, "accuracy": right / n}
-        if self.text_only_guess is not None:  # what the training answers alone get, without the image
-            metrics["text_only_accuracy"] = sum(
-                bool(r.answer) and answers_match(self.text_only_guess(r), r.answer) for r in self.stage_rows) / n
+        if self.text_only_accuracy is not None:
+            metrics["text_only_accuracy"] = self.text_only_accuracy
         return metrics
 
 
@@ -399,8 +401,9 @@ def _load(cfg: TrainConfig, processor):
     model, processor = load_model(cfg.model_name_or_path, quantization=quant,
                                   attn_implementation=cfg.attn_implementation,
                                   dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32", processor=processor)
-    if quant:
-        _prepare_kbit(model)
+    # No prepare_model_for_kbit_training for QLoRA: it casts every weight it does not quantize to float32 (vision
+    # tower, projector, embeddings, lm_head of Llama-3.2-11B-Vision: +3.8 GB for nothing under bf16 autocast).
+    # get_peft_model freezes the base; Trainer.train turns checkpointing on.
     if cfg.freeze_vision_tower:
         tower = vision_tower(model)
         if tower is None:
@@ -408,18 +411,6 @@ def _load(cfg: TrainConfig, processor):
                              "vision tower (no module named vision_model, vision_tower or visual)")
         tower.requires_grad_(False)
     return model, processor
-
-
-def _prepare_kbit(model) -> None:
-    """Freeze the quantized base, keeping every weight's dtype (``Trainer.train`` turns checkpointing on).
-
-    PEFT's ``prepare_model_for_kbit_training`` also casts every non-4-bit
-    weight to float32: for Llama-3.2-11B-Vision that is the vision tower,
-    projector, embeddings and ``lm_head`` (about 1.9B parameters), +3.8 GB of
-    GPU memory for nothing under bf16 autocast.
-    """
-    for param in model.parameters():
-        param.requires_grad = False
 
 
 @dataclasses.dataclass
@@ -448,7 +439,10 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root, source)
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     most = getattr(getattr(model_config, "vision_config", None), "max_num_tiles", None)
-    if cfg.max_image_tiles is not None and most is not None and not 1 <= cfg.max_image_tiles <= most:
+    if cfg.max_image_tiles is not None and most is None:
+        raise ValueError(f"--max_image_tiles: {cfg.model_name_or_path} does not cut images into tiles; cap image "
+                         "size with --max_image_side instead")
+    if cfg.max_image_tiles is not None and not 1 <= cfg.max_image_tiles <= most:
         raise ValueError(f"--max_image_tiles {cfg.max_image_tiles}: {cfg.model_name_or_path} takes 1 to {most} "
                          "tiles per image")
     processor = AutoProcessor.from_pretrained(cfg.model_name_or_path)
@@ -466,9 +460,11 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
     model, processor = _load(cfg, processor)  # the processor loaded above for the token counts
-    if clear:  # data and model are in hand: only now does the previous run go
-        logger.warning("removing the previous contents of %s (--overwrite_output_dir)", cfg.output_dir)
-        shutil.rmtree(cfg.output_dir)
+    if clear:  # data and model are in hand: only now does the previous run go, removed by one process only
+        with cfg.main_process_first(desc="removing the previous run"):
+            if cfg.process_index == 0:
+                logger.warning("removing the previous contents of %s (--overwrite_output_dir)", cfg.output_dir)
+                shutil.rmtree(cfg.output_dir)
     tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
     most = getattr(processor.image_processor, "max_image_tiles", None)
     max_side = cfg.max_image_side or tile * (most or 4)

@@ -154,17 +154,22 @@ def test_frozen_vision_tower_records_no_graph_under_checkpointing(tiny_dir, scen
     assert _vision_output_requires_grad(trained)
 
 
-def test_qlora_keeps_the_dtype_of_weights_it_does_not_quantize(tiny_dir):
-    """PEFT's prepare_model_for_kbit_training would cast them all to float32."""
-    from stagereason.modeling import load_model
-    from stagereason.train.runner import _prepare_kbit
+def test_qlora_keeps_the_dtype_of_weights_it_does_not_quantize(tiny_dir, scenes, tmp_path):
+    """Loading and wrapping as `train` does casts nothing (PEFT's prepare_model_for_kbit_training would cast every
+    weight it does not quantize to float32)."""
+    from peft import get_peft_model
 
-    model, _ = load_model(str(tiny_dir), quantization="4bit", dtype="bf16", device_map=None)
+    from stagereason.train.runner import _load, _peft_config
+
+    cfg = _cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "qlora")
+    cfg.bf16 = True  # as on a GPU
+    model, _ = _load(cfg, None)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert torch.bfloat16 in dtypes.values()
-    _prepare_kbit(model)
-    assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
-    assert not any(p.requires_grad for p in model.parameters())
+    wrapped = get_peft_model(model, _peft_config(cfg))
+    base = {n.removeprefix("base_model.model."): p for n, p in wrapped.named_parameters() if "lora_" not in n}
+    assert {n.replace(".base_layer", ""): p.dtype for n, p in base.items()} == dtypes
+    assert not any(p.requires_grad for p in base.values())
 
 
 def test_full_finetuning_changes_every_weight_that_gets_a_gradient(tiny_dir, scenes, tmp_path):
@@ -327,6 +332,15 @@ def test_fit_tiles_gives_at_most_the_asked_tiles(h, w, most):
     assert 1 <= int(out["aspect_ratio_mask"].sum()) <= most
     fits = any(r * 56 >= h and c * 56 >= w for r in range(1, most + 1) for c in range(1, most + 1) if r * c <= most)
     assert (fitted is image) == fits  # shrunk only when no canvas of at most `most` tiles holds it
+
+
+def test_max_image_tiles_on_a_model_without_tiles_is_refused(scenes, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                vocab_size=16).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="does not cut images into tiles"):
+        build_trainer(_cfg(tmp_path / "m", scenes, tmp_path / "run", "--max_image_tiles", "2"))
 
 
 def test_max_image_tiles_below_the_models_trains(tiny_dir, tmp_path):
