@@ -65,6 +65,41 @@ def iter_jsonl(path: Path, *, strict: bool = True) -> Iterator[tuple[int, dict |
             yield lineno, rec, None
 
 
+def iter_records(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Yield ``(where, record, error)`` per row of a LLaVA-layout file; ``where`` is ``"row I"`` or ``"line N"``.
+
+    The content decides, not the suffix: a file whose first character is ``[``
+    is one JSON list; anything else is JSON Lines (also under a ``.json``
+    name). A row that is not a JSON object is yielded with ``record=None``.
+
+    Raises:
+        ValueError: a JSON list that does not parse, or a ``.json`` file holding one multi-line object.
+    """
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        for i, rec in enumerate(rows):
+            ok = isinstance(rec, dict)
+            yield f"row {i}", rec if ok else None, None if ok else f"{path} row {i} is not a JSON object"
+        return
+    if head.startswith(b"{") and path.suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        if "\n" in text.strip():
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                whole = None
+            if isinstance(whole, dict):
+                raise ValueError(f"{path} holds a JSON dict, not a list of rows (LLaVA layout: "
+                                 "[{\"id\": ..., \"image\": ..., \"conversations\": [...]}, ...])")
+    for lineno, rec, err in iter_jsonl(path, strict=False):
+        yield f"line {lineno}", rec, err
+
+
 class JsonlAppender:
     """Append whole records as single lines, flushed at once (``fsync`` on close)."""
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stagereason.data_gen.records import iter_jsonl
+from stagereason.data_gen.records import iter_records
 
 __all__ = ["Example", "Turn", "llava_examples", "hf_examples", "synthetic_examples", "IMAGE_PLACEHOLDER"]
 
@@ -74,9 +74,7 @@ def _as_choices(value) -> dict[str, str] | None:
     raise ValueError(f"choices must be a list or a mapping, got {type(value).__name__}")
 
 
-def _llava_row(row: Any, where: str, image_root: Path, seen: dict[str, int]) -> Example:
-    if not isinstance(row, dict):
-        return Example(id=where, images=[], turns=[], error=f"{where}: row is not a JSON object")
+def _llava_row(row: dict, where: str, image_root: Path, seen: dict[str, int]) -> Example:
     rid = str(row.get("id", where))
     n = seen.get(rid, 0)
     seen[rid] = n + 1
@@ -131,38 +129,18 @@ def llava_examples(path: str | Path, image_root: str | Path | None = None) -> It
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a ``.json`` file that is not a JSON list.
+        ValueError: a JSON list that does not parse, or a ``.json`` file holding one object (``iter_records``).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"source file {path} does not exist")
     root = Path(image_root) if image_root else path.parent
     seen: dict[str, int] = {}
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"[") or path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            if not head.startswith(b"["):  # a .json file holding JSON lines after all
-                yield from _llava_jsonl(path, root, seen)
-                return
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(rows, list):
-            raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows (LLaVA layout: "
-                             "[{\"id\": ..., \"image\": ..., \"conversations\": [...]}, ...])")
-        for i, row in enumerate(rows):
-            yield _llava_row(row, f"row {i}", root, seen)
-        return
-    yield from _llava_jsonl(path, root, seen)
-
-
-def _llava_jsonl(path: Path, root: Path, seen: dict[str, int]) -> Iterator[Example]:
-    for lineno, row, err in iter_jsonl(path, strict=False):
+    for where, row, err in iter_records(path):
         if err:
-            yield Example(id=f"line-{lineno}", images=[], turns=[], error=f"bad JSON: {err}")
+            yield Example(id=where.replace(" ", "-"), images=[], turns=[], error=f"bad JSON: {err}")
             continue
-        yield _llava_row(row, f"line {lineno}", root, seen)
+        yield _llava_row(row, where, root, seen)
 
 
 def _hf_image(value) -> Any:

@@ -9,12 +9,11 @@ every gpt turn passes the strict stage format.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from stagereason.data_gen.records import iter_jsonl
+from stagereason.data_gen.records import iter_records
 from stagereason.data_gen.sources import IMAGE_PLACEHOLDER
 from stagereason.stages import TraceFormatError, parse_trace
 
@@ -75,22 +74,6 @@ def resolve_data_file(path: str | Path) -> Path:
     return p
 
 
-def _rows(path: Path):
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            yield 1, None, f"{path} is not valid JSON ({err})"
-            return
-        if not isinstance(data, list):
-            yield 1, None, f"{path} must hold a JSON list of rows"
-            return
-        for i, rec in enumerate(data):
-            yield i, rec if isinstance(rec, dict) else None, None if isinstance(rec, dict) else "not a JSON object"
-        return
-    yield from iter_jsonl(path, strict=False)
-
-
 def _check_image(path: Path) -> str | None:
     from PIL import Image
 
@@ -142,18 +125,19 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
 
     Raises:
         FileNotFoundError: ``path`` is neither a data file nor a gen output dir.
+        ValueError: a file that cannot be read as rows at all (``records.iter_records``).
     """
     data = resolve_data_file(path)
     root = Path(image_root) if image_root else data.parent
     report = ValidationReport(path=str(data))
     seen: set[str] = set()
     to_check: list[tuple[str, Path]] = []
-    for lineno, rec, err in _rows(data):
+    for where, rec, err in iter_records(data):
         report.rows += 1
         if rec is None:
-            report.add(f"line {lineno}", "json", err)
+            report.add(where, "json", err)
             continue
-        row = str(rec.get("id", f"line {lineno}"))
+        row = str(rec.get("id", where))
         if row in seen:
             report.repeated_ids[row] = report.repeated_ids.get(row, 1) + 1
             row = f"{row}#{report.repeated_ids[row] - 1}"  # each row keeps its own name in the report

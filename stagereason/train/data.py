@@ -8,13 +8,12 @@ dataset (``save_to_disk`` folder or hub name) in the same layout.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from stagereason.data_gen.records import iter_jsonl
+from stagereason.data_gen.records import iter_records
 from stagereason.data_gen.sources import IMAGE_PLACEHOLDER, _open_hf
 from stagereason.data_gen.validate import ValidationReport, check_dataset, check_row, resolve_data_file
 
@@ -154,11 +153,7 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         data = resolve_data_file(path)
         root = Path(image_root) if image_root else data.parent
         report = check_dataset(data, root, check_images=check_images)
-        if data.suffix == ".json":
-            raw = json.loads(data.read_text(encoding="utf-8"))
-            records = [(str(r.get("id", f"line {i}")), r) for i, r in enumerate(raw) if isinstance(r, dict)]
-        else:
-            records = [(str(r.get("id", f"line {n}")), r) for n, r, _ in iter_jsonl(data, strict=False) if r]
+        records = [(str(r.get("id", where)), r) for where, r, _ in iter_records(data) if r]
     else:
         ds = _open_hf(dataset, "train", None)
         source = ImageSource({tag: ds}) if "image" in ds.column_names else ImageSource()

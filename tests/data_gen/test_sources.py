@@ -30,7 +30,7 @@ def test_llava_json_list_with_system_turn_duplicates_and_image_lists(tmp_path):
     ]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     exs = list(llava_examples(tmp_path / "d.json"))
-    assert [e.id for e in exs] == ["a", "a#1", "two", "text-only", "row 4"]
+    assert [e.id for e in exs] == ["a", "a#1", "two", "text-only", "row-4"]
     assert exs[0].turns[0].question == "Q1" and exs[0].turns[0].human == "<image>\nQ1"
     assert exs[2].images == [tmp_path / "imgs/0.jpg", tmp_path / "imgs/1.jpg"] and not exs[2].single_image_field
     assert exs[3].images == [] and exs[3].error is None
@@ -132,3 +132,11 @@ def test_a_json_file_that_is_not_a_list_is_refused_by_name(tmp_path):
     lines = tmp_path / "lines.json"  # JSON lines under a .json name still read as lines
     lines.write_text(json.dumps(row("a", "<image>\nQ?", "A")) + "\n" + json.dumps(row("b", "<image>\nQ?", "B")) + "\n")
     assert [e.id for e in llava_examples(lines)] == ["a", "b"]
+    one = tmp_path / "one.json"  # one JSON line: a row, not a refused dict
+    one.write_text(json.dumps(row("a", "<image>\nQ?", "A")) + "\n")
+    assert [e.id for e in llava_examples(one)] == ["a"]
+    from stagereason.data_gen.validate import check_dataset
+
+    for f in (lines, one):  # validate (and so train) read them as gen does
+        report = check_dataset(f, check_images=False)
+        assert report.rows == (2 if f is lines else 1) and "json" not in report.kinds
