@@ -37,6 +37,7 @@ __all__ = ["GenConfig", "run_gen"]
 
 logger = logging.getLogger(__name__)
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}
 
 
 def _f(default=dataclasses.MISSING, help="", **kw):  # noqa: A002 - argparse's word
@@ -217,9 +218,11 @@ class _Writer:
         self.rejects = JsonlAppender(out / "rejects.jsonl")
         self.counts: Counter = Counter()
 
-    def _put_image(self, ex: Example, i: int, payload: bytes) -> str:
+    def _put_image(self, ex: Example, i: int, payload: bytes, fmt: str) -> str:
         rel = Path("images") / _safe_rel(ex.image_names[i] if i < len(ex.image_names) else f"{ex.id}-{i}.png")
         src = ex.images[i]
+        if not isinstance(src, (str, Path)):  # the payload is written: its name says its format
+            rel = rel.with_suffix(_SUFFIX[fmt])
         dst = self.out / rel
         if dst.exists() and not _same_image(dst, src, payload):
             # another image already has this name (`a/../x.png` vs `x.png`, ids that sanitise alike):
@@ -246,7 +249,7 @@ class _Writer:
         return rel.as_posix()
 
     def accept(self, ex: Example, images: list[tuple[bytes, str]], traces: list[str], attempts: int) -> None:
-        paths = [self._put_image(ex, i, payload) for i, (payload, _) in enumerate(images)]
+        paths = [self._put_image(ex, i, payload, fmt) for i, (payload, fmt) in enumerate(images)]
         convs = []
         for turn, trace in zip(ex.turns, traces, strict=True):
             convs += [{"from": "human", "value": turn.human}, {"from": "gpt", "value": trace}]

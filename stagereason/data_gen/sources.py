@@ -151,21 +151,6 @@ def _hf_image(value) -> Any:
     return value
 
 
-def _suffix(image) -> str:
-    """The file suffix of an image's own format (read from its header), ``.png`` for decoded images."""
-    from PIL import Image
-
-    if isinstance(image, (bytes, bytearray)):
-        try:
-            with Image.open(io.BytesIO(image)) as im:
-                return {"JPEG": ".jpg"}.get(im.format, f".{(im.format or 'png').lower()}")
-        except Exception:  # noqa: BLE001 (a corrupt image is reported when it is loaded)
-            return ".png"
-    if isinstance(image, (str, Path)):
-        return Path(image).suffix or ".png"
-    return ".png"
-
-
 def _open_hf(path: str, split: str, name: str | None):
     import datasets
 
@@ -209,7 +194,9 @@ def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_
                                                           if k not in used and _jsonable(v)})
         image = _hf_image(row.get(image_column))
         ex.images = [] if image is None else [image]
-        ex.image_names = [f"{_safe(key)}{_suffix(image)}"] if image is not None else []
+        # a stored file keeps its suffix; bytes are named by the format they are written in (gen's _Writer)
+        suffix = (Path(image).suffix or ".png") if isinstance(image, (str, Path)) else ".png"
+        ex.image_names = [f"{_safe(key)}{suffix}"] if image is not None else []
         question, answer = row.get(question_column), row.get(answer_column)
         try:
             ex.choices = _as_choices(row.get(choices_column)) if choices_column else None

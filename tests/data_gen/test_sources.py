@@ -67,8 +67,7 @@ def test_hf_column_mapping_choices_and_index_answers(tmp_path):
     assert exs[0].hints == ["Look at the middle."] and exs[0].extra == {"subject": "colors"}
     # the stored file bytes are sent as they are (no decode and PNG re-encode per request)
     assert isinstance(exs[0].images[0], bytes) and Image.open(io.BytesIO(exs[0].images[0])).size == (20, 20)
-    assert exs[0].image_names[0] == "q1" + {"JPEG": ".jpg"}.get(Image.open(io.BytesIO(exs[0].images[0])).format,
-                                                                 ".png")
+    assert exs[0].image_names[0] == "q1.png"  # written under the suffix of the format written (see below)
     assert exs[2].error == "row 'q3': empty question"
     with pytest.raises(ValueError, match="--question_column 'question' is not a column"):
         list(hf_examples(str(path)))
@@ -140,3 +139,25 @@ def test_a_json_file_that_is_not_a_list_is_refused_by_name(tmp_path):
     for f in (lines, one):  # validate (and so train) read them as gen does
         report = check_dataset(f, check_images=False)
         assert report.rows == (2 if f is lines else 1) and "json" not in report.kinds
+
+
+def test_gen_names_each_written_image_by_the_format_of_its_bytes(tmp_path):
+    """JPEG bytes are kept and named .jpg; a BMP is sent and written as PNG, so it is named .png, not .bmp."""
+    from stagereason.data_gen.loopback import LoopbackTeacher
+
+    def encoded(fmt):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), "red").save(buf, format=fmt)
+        return {"bytes": buf.getvalue(), "path": None}
+
+    ds = datasets.Dataset.from_dict({"qid": ["j", "b"], "image": [encoded("JPEG"), encoded("BMP")],
+                                     "q": ["Which color?"] * 2, "ans": ["red"] * 2})
+    ds.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "hf")
+    with LoopbackTeacher() as t:
+        assert main(["gen", "--source", "hf", "--data", str(tmp_path / "hf"), "--id_column", "qid",
+                     "--question_column", "q", "--answer_column", "ans", "--out", str(tmp_path / "out"),
+                     "--teacher_base_url", t.url, "--teacher_model", "m", "--no_progress"]) == 0
+    recs = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "data.jsonl").read_text().splitlines())}
+    assert recs["j"]["image"] == "images/j.jpg" and recs["b"]["image"] == "images/b.png"
+    for rec, fmt in ((recs["j"], "JPEG"), (recs["b"], "PNG")):
+        assert Image.open(tmp_path / "out" / rec["image"]).format == fmt
