@@ -136,13 +136,13 @@ def test_images_that_share_an_output_name_both_survive(tmp_path):
     paths = []
     for rid, src, name in (("a", red, "../x/0.png"), ("b", blue, "x/0.png"), ("c", red, "x/0.png")):
         ex = Example(id=rid, images=[src], turns=[Turn("Q", "A", "Q")], image_names=[name])
-        paths.append(writer._put_image(ex, 0, src.read_bytes()))
+        paths.append(writer._put_image(ex, 0, src.read_bytes(), "PNG"))
     assert paths[0] == "images/x/0.png" and paths[1] != paths[0]
     assert Image.open(out / paths[0]).getpixel((0, 0)) == (255, 0, 0)
     assert Image.open(out / paths[1]).getpixel((0, 0)) == (0, 0, 255)
     assert paths[2] == paths[0]  # the same image again reuses its file
     again = writer._put_image(Example(id="b", images=[blue], turns=[Turn("Q", "A", "Q")], image_names=["x/0.png"]), 0,
-                              blue.read_bytes())
+                              blue.read_bytes(), "PNG")
     assert again == paths[1]  # a rerun names it the same way
 
 
