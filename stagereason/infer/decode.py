@@ -246,7 +246,7 @@ class _StopCheck:
 def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_tokens: int, *,
            step_xmask: torch.Tensor | None = None, stops: list[str] | None = None, eos: set[int] = frozenset(),
            do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-           scores: bool = False, keep_caches: bool = False):
+           scores: bool = False):
     """``n`` continuations of a prefix whose cache holds all but its last token.
 
     Args:
@@ -257,22 +257,21 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
         eos: end-of-turn ids; a row ends before them.
         scores: also return each row's mean log-probability of its tokens under the
             model's raw distribution.
-        keep_caches: also return each row's own cache as it was when the row ended
-            (a copy of its row: it holds the prefix and the row's tokens, the last
-            one or, after an end-of-turn, none of them left out).
 
     Returns:
         ``(rows, means, caches)``: each row's new token ids, the means (None unless
-        ``scores``) and the caches (None unless ``keep_caches``).
+        ``scores``) and each row's own cache as it was when the row ended (a copy of
+        its row: it holds the prefix and the row's tokens, the last one or, after an
+        end-of-turn, none of them left out).
     """
-    device = model.device if hasattr(model, "device") else cache.layers[0].keys.device
+    device = model.device
     cache = fork_cache(cache, n)
     step = Stepper(model, step_xmask)
     warpers = _warpers(model, temperature, top_p) if do_sample else None
     stop_check = _StopCheck(tok, list(stops or []))
     rows: list[list[int]] = [[] for _ in range(n)]
     logp_sum = [0.0] * n
-    saved: list | None = [None] * n if keep_caches else None
+    saved: list = [None] * n
     alive = list(range(n))  # call rows still in the batch, in batch order
     ids = torch.full((n, 1), last_id, dtype=torch.long, device=device)
     for i in range(max_new_tokens):
@@ -296,9 +295,8 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
                     logp_sum[r] += picked[b]
                 done = stop_check(rows[r]) or i + 1 == max_new_tokens
             (ended if done else keep).append(b)
-        if saved is not None:
-            for b in ended:
-                saved[alive[b]] = _row_of(cache, b, copy_out=bool(keep))
+        for b in ended:
+            saved[alive[b]] = _row_of(cache, b, copy_out=bool(keep))
         if not keep:
             break
         if len(keep) < len(alive):

@@ -155,7 +155,7 @@ class Prefix:
         rows, means, caches = decode(
             self.model, self.tok, self.cache, int(self.ids[0, -1]), self.ids.shape[1] - 1, n, max_new_tokens,
             step_xmask=step_xmask, stops=stops, eos=set(_eos_ids(self.model)), do_sample=do_sample,
-            temperature=temperature, top_p=top_p, scores=scores, keep_caches=True)
+            temperature=temperature, top_p=top_p, scores=scores)
         self._candidates = (rows, caches)
         return rows, means
 
