@@ -97,11 +97,13 @@ class ImageSource:
     """Resolves a row's image reference: a file path, or ``TAG:ROW:K`` into a HF dataset (decoded on demand).
 
     Each HF dataset gets its own tag (``hf`` for the training data), so rows
-    of a separate eval dataset resolve into their own images.
+    of a separate eval dataset resolve into their own images. HF images are
+    read undecoded and handed to :func:`open_image` as ``{"bytes", "path",
+    "name"}``, so an image that does not decode is named by its row.
     """
 
     def __init__(self, datasets: dict | None = None):
-        self.datasets = {tag: ds.select_columns(["image"]) for tag, ds in (datasets or {}).items()}
+        self.datasets = {tag: _undecoded(ds) for tag, ds in (datasets or {}).items()}
 
     def update(self, other: ImageSource) -> None:
         self.datasets.update(other.datasets)
@@ -109,9 +111,33 @@ class ImageSource:
     def __call__(self, ref):
         if _is_hf_ref(ref) and ref.split(":")[0] in self.datasets:
             tag, row, k = ref.split(":")
-            image = self.datasets[tag][int(row)]["image"]
-            return image[int(k)] if isinstance(image, list) else image
+            cell = self.datasets[tag][int(row)]["image"]
+            cell = cell[int(k)] if isinstance(cell, list) else cell
+            if not isinstance(cell, dict):  # a column that is not an Image feature: PIL, bytes or a path as stored
+                return cell
+            origin = f" ({cell['path']})" if cell.get("path") else ""
+            return {**cell, "name": f"{ref} (row {row}, image {k}){origin}"}
         return ref
+
+
+def _undecoded(ds):
+    """A reader of ``ds``'s image cells as stored: ``{"bytes", "path"}`` for an Image feature, never decoded."""
+    import datasets
+
+    feature = ds.features.get("image")
+    if isinstance(feature, datasets.Image) or isinstance(getattr(feature, "feature", None), datasets.Image):
+        return _ArrowColumn(ds.select_columns(["image"]).with_format("arrow"))
+    return ds.select_columns(["image"])
+
+
+class _ArrowColumn:
+    """Row ``i`` of a one-column arrow-formatted dataset as plain Python (Image cells stay undecoded)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[i].to_pylist()[0]
 
 
 def _hf_meta(ds, tag: str = "hf"):
@@ -249,8 +275,8 @@ def open_image(src, max_side: int | None = None, tiles: tuple[int, int] | None =
             raw = src
         elif isinstance(src, (bytes, bytearray)):
             raw = Image.open(io.BytesIO(src))
-        elif isinstance(src, dict):  # HF Image feature without decoding
-            name = src.get("path") or name
+        elif isinstance(src, dict):  # HF Image feature without decoding (``name``: where it came from)
+            name = src.get("name") or src.get("path") or name
             raw = Image.open(io.BytesIO(src["bytes"])) if src.get("bytes") else Image.open(src["path"])
         else:
             if not Path(src).is_file():

@@ -417,6 +417,36 @@ def test_separate_hf_eval_dataset_resolves_its_own_images(tmp_path):
     assert open_image(source(rows[0].images[0]), None).getpixel((0, 0)) == (255, 0, 0)
 
 
+def test_a_corrupt_hf_image_met_while_collating_names_its_row(tiny_dir, tmp_path):
+    import io
+
+    import datasets
+    from PIL import Image
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buf, "PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    turns = [{"from": "human", "value": "<image><image>\nSame color?"}, {"from": "gpt", "value": _trace("yes")}]
+    datasets.Dataset.from_dict(
+        {"id": ["a", "b"], "image": [[png("red"), png("red")], [png("blue"), {"bytes": b"not an image",
+                                                                             "path": "shots/b2.jpg"}]],
+         "conversations": [turns, turns]},
+        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.List(datasets.Image()),
+                                    "conversations": datasets.List({"from": datasets.Value("string"),
+                                                                    "value": datasets.Value("string")})}),
+    ).save_to_disk(str(tmp_path / "hf"))
+    rows, report, source = load_rows(str(tmp_path / "hf"))
+    assert report.ok and [r.images for r in rows] == [["hf:0:0", "hf:0:1"], ["hf:1:0", "hf:1:1"]]
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    collator = StageCollator(processor, training_chat_template(processor, "mllama"), 64, 507, source=source)
+    batch = collator([{"messages": rows[0].messages, "images": rows[0].images}])
+    assert batch["pixel_values"].shape[1] == 2  # both images of the good row decoded
+    with pytest.raises(ValueError, match=r"image hf:1:1 \(row 1, image 1\) \(b2.jpg\) cannot be read"):
+        collator([{"messages": r.messages, "images": r.images} for r in rows])
+
+
 def test_overwrite_output_dir_keeps_the_old_run_when_the_new_one_fails_early(tiny_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
