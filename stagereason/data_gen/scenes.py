@@ -32,7 +32,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 FAMILIES = ("count", "attribute", "spatial", "compare", "arithmetic", "chart")
-VERSION = 2  # bump when the drawn images or the composed traces change: gen output dirs record it
+VERSION = 3  # bump when the drawn images or the composed traces change: gen output dirs record it
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # difficulty -> (number of colours, number of shapes, max objects, sizes used)
@@ -114,10 +114,10 @@ def _draw_shapes(objs: list[Obj], size: int, rng: random.Random) -> Image.Image:
 
 
 def _caption(objs: list[Obj]) -> str:
-    """Objects in reading order, each position first: the place says where to look, then what is there."""
+    """Objects in reading order, each named then placed, as the reasoning names them ("a red circle at the top")."""
     ordered = sorted(objs, key=lambda o: (o.row, o.col))
     sized = len({x.size for x in objs}) > 1
-    items = "; ".join(f"{o.where}, a {o.size + ' ' if sized else ''}{o.name}" for o in ordered)
+    items = "; ".join(f"a {o.size + ' ' if sized else ''}{o.name} {o.where}" for o in ordered)
     n = len(objs)
     return f"The image shows {n} {'object' if n == 1 else 'objects'} on a white background: {items}."
 
@@ -166,7 +166,7 @@ def _count(rng, scene: _Scene):
         scene.add(color=color if kind != "shape" else None, shape=shape if kind != "color" else None)
     scene.fill(rng.randint(1 if target else 2, max(1, scene.max_objs - target - 1)), avoid=match)
     noun = {"color": f"{color} objects", "shape": _plural(shape, 2), "both": f"{color} {_plural(shape, 2)}"}[kind]
-    hits = [o for o in scene.objs if match(o)]
+    hits = sorted((o for o in scene.objs if match(o)), key=lambda o: (o.row, o.col))  # in the caption's order
     steps = f"Going through the objects, the {noun} are: " + "; ".join(f"the {o.name} {o.where}" for o in hits) + "."
     if not hits:
         steps = f"None of the objects is one of the {noun}."
