@@ -21,8 +21,9 @@ _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
 # Names VLMs give their vision encoder, and the parts that stay in full precision under 4/8-bit loading.
-_VISION_TOWER = re.compile(r"(^|\.)(vision_model|vision_tower|visual)$")
-_KEEP_FULL_PRECISION = re.compile(r"(^|\.)(vision_model|vision_tower|visual|multi_modal_projector|mm_projector)$")
+_TOWER_NAMES = "vision_model|vision_tower|visual"
+_VISION_TOWER = re.compile(rf"(^|\.)({_TOWER_NAMES})$")
+_KEEP_FULL_PRECISION = re.compile(rf"(^|\.)({_TOWER_NAMES}|multi_modal_projector|mm_projector)$")
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
