@@ -120,8 +120,11 @@ def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list
 
 
 def check_dataset(path: str | Path, image_root: str | Path | None = None, check_images: bool = True,
-                  workers: int = 8) -> ValidationReport:
+                  workers: int = 8, records: list | None = None) -> ValidationReport:
     """Validate a dataset (see the module docstring). Never raises on bad rows; see the report.
+
+    ``records``, when given, receives ``(id or where, row)`` for every JSON-object row as read,
+    so a caller that also needs the rows does not read and parse the file a second time.
 
     Raises:
         FileNotFoundError: ``path`` is neither a data file nor a gen output dir.
@@ -138,6 +141,8 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
             report.add(where, "json", err)
             continue
         row = str(rec.get("id", where))
+        if records is not None:
+            records.append((row, rec))
         if row in seen:
             report.repeated_ids[row] = report.repeated_ids.get(row, 1) + 1
             row = f"{row}#{report.repeated_ids[row] - 1}"  # each row keeps its own name in the report

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stagereason.data_gen.records import iter_records
 from stagereason.data_gen.sources import IMAGE_PLACEHOLDER, _open_hf
 from stagereason.data_gen.validate import ValidationReport, check_dataset, check_row, resolve_data_file
 
@@ -103,7 +102,8 @@ class ImageSource:
     """
 
     def __init__(self, datasets: dict | None = None):
-        self.datasets = {tag: _undecoded(ds) for tag, ds in (datasets or {}).items()}
+        # arrow rows as plain Python: Image cells stay {"bytes", "path"}, other columns are what is stored
+        self.datasets = {tag: ds.select_columns(["image"]).with_format("arrow") for tag, ds in (datasets or {}).items()}
 
     def update(self, other: ImageSource) -> None:
         self.datasets.update(other.datasets)
@@ -111,33 +111,13 @@ class ImageSource:
     def __call__(self, ref):
         if _is_hf_ref(ref) and ref.split(":")[0] in self.datasets:
             tag, row, k = ref.split(":")
-            cell = self.datasets[tag][int(row)]["image"]
+            cell = self.datasets[tag][int(row)].column("image")[0].as_py()
             cell = cell[int(k)] if isinstance(cell, list) else cell
-            if not isinstance(cell, dict):  # a column that is not an Image feature: PIL, bytes or a path as stored
+            if not isinstance(cell, dict):  # not an Image feature: bytes or a path as stored
                 return cell
             origin = f" ({cell['path']})" if cell.get("path") else ""
             return {**cell, "name": f"{ref} (row {row}, image {k}){origin}"}
         return ref
-
-
-def _undecoded(ds):
-    """A reader of ``ds``'s image cells as stored: ``{"bytes", "path"}`` for an Image feature, never decoded."""
-    import datasets
-
-    feature = ds.features.get("image")
-    if isinstance(feature, datasets.Image) or isinstance(getattr(feature, "feature", None), datasets.Image):
-        return _ArrowColumn(ds.select_columns(["image"]).with_format("arrow"))
-    return ds.select_columns(["image"])
-
-
-class _ArrowColumn:
-    """Row ``i`` of a one-column arrow-formatted dataset as plain Python (Image cells stay undecoded)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __getitem__(self, i: int) -> dict:
-        return self.ds[i].to_pylist()[0]
 
 
 def _hf_meta(ds, tag: str = "hf"):
@@ -178,8 +158,8 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
     if path.is_file() or (path.is_dir() and (path / "data.jsonl").is_file()):
         data = resolve_data_file(path)
         root = Path(image_root) if image_root else data.parent
-        report = check_dataset(data, root, check_images=check_images)
-        records = [(str(r.get("id", where)), r) for where, r, _ in iter_records(data) if r]
+        records = []
+        report = check_dataset(data, root, check_images=check_images, records=records)
     else:
         ds = _open_hf(dataset, "train", None)
         source = ImageSource({tag: ds}) if "image" in ds.column_names else ImageSource()
