@@ -39,6 +39,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from stagereason.console import report
     from stagereason.data_gen.records import atomic_write_text
     from stagereason.infer.reasoner import Reasoner, load_image
+    from stagereason.infer.search import check_options
     from stagereason.stages import answers_match
     from stagereason.train.data import load_rows
 
@@ -46,6 +47,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ValueError(f"--limit {cfg.limit}: must be at least 1 (leave it out to evaluate every row)")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size {cfg.batch_size}: must be at least 1")
+    check_options(cfg.search, cfg.beam_size, cfg.judge)  # before the model loads
     out = Path(cfg.out)
     for name in ("report.json", "predictions.jsonl"):
         if (out / name).exists() and not cfg.force:

@@ -128,7 +128,7 @@ def check_options(search: str, beam_size: int, judge) -> None:
     if search not in STRATEGIES:
         raise ValueError(f"unknown search {search!r}; choose one of {', '.join(STRATEGIES)}")
     if search not in ("greedy", "sample") and beam_size < 1:
-        raise ValueError("beam_size must be at least 1")
+        raise ValueError(f"beam_size {beam_size}: must be at least 1 for search {search!r}")
     if not callable(judge) and judge not in ("self", "loglik"):
         raise ValueError(f"unknown judge {judge!r}; use self, loglik or a callable")
 

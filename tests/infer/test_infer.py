@@ -265,6 +265,12 @@ def test_infer_refuses_early_what_it_could_not_finish(tiny_dir, image, tmp_path,
     assert "is a folder" in capsys.readouterr().err and not list((tmp_path / "pages").iterdir())
     assert main([*base, "--model", str(tmp_path / "runs" / "nonexist")]) == 1
     assert "neither a local model directory" in capsys.readouterr().err
+    # search options are checked before the model loads: the missing model is not what is reported
+    assert main([*base, "--model", str(tmp_path / "runs" / "nonexist"), "--search", "stage", "--beam_size", "0"]) == 1
+    assert "beam_size 0: must be at least 1" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "runs" / "nonexist"), "--data", str(image.parent),
+                 "--out", str(tmp_path / "ev"), "--search", "stage", "--beam_size", "0"]) == 1
+    assert "beam_size 0: must be at least 1" in capsys.readouterr().err and not (tmp_path / "ev").exists()
 
 
 @pytest.mark.parametrize("flag", [("--limit", "0"), ("--batch_size", "0")])
