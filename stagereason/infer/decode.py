@@ -19,7 +19,8 @@ import weakref
 
 import torch
 
-__all__ = ["Stepper", "crop_cache", "cross_layers", "decode", "fork_cache", "mllama_parts"]
+__all__ = ["Stepper", "crop_cache", "cross_layers", "decode", "drop_unapplied_processing", "fork_cache",
+           "mllama_parts"]
 
 
 def mllama_parts(model):
@@ -205,6 +206,32 @@ def _attend(q, k, v, mask, scale):
         return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     groups = q.shape[1] // k.shape[1]
     return sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask, scale=scale)
+
+
+# generation_config settings that ``generate`` turns into logits processors and ``decode`` does not apply
+_UNAPPLIED = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+              "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens", "min_p", "typical_p",
+              "epsilon_cutoff", "eta_cutoff", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+              "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "guidance_scale")
+
+
+def drop_unapplied_processing(model) -> dict:
+    """Reset the ``generation_config`` settings :func:`decode` does not apply; return what they were.
+
+    Stage search decodes with temperature, top-k and top-p only; batched greedy
+    answers go through ``generate``. Resetting the rest keeps both paths giving
+    the same answers instead of ``generate`` alone applying, say, a repetition penalty.
+    """
+    from transformers import GenerationConfig
+
+    config, default = getattr(model, "generation_config", None), GenerationConfig()
+    dropped = {}
+    for name in _UNAPPLIED if config is not None else ():
+        value = getattr(config, name, None)
+        if value != getattr(default, name, None):
+            dropped[name] = value
+            setattr(config, name, getattr(default, name, None))
+    return dropped
 
 
 def _warpers(model, temperature: float, top_p: float):

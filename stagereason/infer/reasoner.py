@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import torch
 from stagereason.stages import StagedTrace
 
 __all__ = ["Reasoner", "ReasoningResult", "load_image"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -59,8 +62,15 @@ class Reasoner:
 
     def __init__(self, model, processor, *, max_stage_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95):
+        from stagereason.infer.decode import drop_unapplied_processing
+
         _needs_chat_template(processor)
         self.model, self.processor = model.eval(), processor
+        dropped = drop_unapplied_processing(model)
+        if dropped:
+            logger.warning("the model's generation_config sets %s; staged decoding applies only temperature, top-k "
+                           "and top-p, so these are ignored (greedy batches too, for the same answers)",
+                           ", ".join(f"{k}={v!r}" for k, v in dropped.items()))
         self.max_stage_tokens, self.temperature, self.top_p = max_stage_tokens, temperature, top_p
 
     @classmethod

@@ -229,6 +229,22 @@ def test_answer_batch_greedy_equals_one_at_a_time(tiny_dir, tmp_path):
         r.answer_batch(items[:2], search="greedy", beams=2)
 
 
+def test_generation_settings_decode_does_not_apply_are_dropped_for_both_paths(tiny_dir, caplog):
+    """A repetition penalty in generation_config would reach batched greedy (generate) but not the staged
+    decoding loop; the Reasoner resets it, says so, and both paths keep giving the same answers."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.5, 2
+    with caplog.at_level("WARNING", logger="stagereason.infer.reasoner"):
+        r = Reasoner(model, AutoProcessor.from_pretrained(tiny_dir), max_stage_tokens=16)
+    assert "repetition_penalty=1.5" in caplog.text and "no_repeat_ngram_size=2" in caplog.text
+    assert model.generation_config.repetition_penalty in (None, 1.0) and not model.generation_config.no_repeat_ngram_size
+    items = [(Image.new("RGB", (40, 30), "red"), "How many red objects?"), (None, "What is two plus two?")]
+    assert [m.text for m in r.answer_batch(items, search="greedy")] == [r.answer(*it, search="greedy").text
+                                                                        for it in items]
+
+
 def test_eval_batches_greedy_questions_with_the_same_predictions(tiny_dir, tmp_path, capsys):
     assert main(["gen", "--out", str(tmp_path / "data"), "--n", "5", "--no_progress"]) == 0
     preds = {}
