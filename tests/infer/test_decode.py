@@ -126,10 +126,12 @@ def test_a_lean_step_that_disagrees_is_dropped_for_the_models_forward(tiny_dir, 
     prefix = Prefix(model, processor, [picture], "Count.")
     expected, _ = prefix.continuations(2, None, 5, do_sample=False)
     D._LEAN_OK.pop(model, None)
+    Prefix(model, processor, [], "Count.").continuations(1, None, 2, do_sample=False)
+    assert D._LEAN_OK[model] == {False: True}  # checked without an image: the cross-attention layers were not
     monkeypatch.setattr(D.Stepper, "_lean", lambda self, ids, cache, pos: self._forward(ids, cache, pos) + 0.5)
     with caplog.at_level(logging.WARNING):
         rows, _ = prefix.continuations(2, None, 5, do_sample=False)
-    assert rows == expected and D._LEAN_OK[model] is False and "disagrees" in caplog.text
+    assert rows == expected and D._LEAN_OK[model] == {False: True, True: False} and "disagrees" in caplog.text
     assert not D.Stepper(model, prefix.xmask[:, -1:]).lean  # later calls go straight to forward
 
 
