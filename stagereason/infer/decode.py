@@ -51,15 +51,15 @@ def fork_cache(cache, n: int):
 
     The layers' tensors are repeated (new tensors) or, for one row, shared:
     appending to a dynamic layer concatenates into a new tensor and never
-    writes into the old one. Caches of another kind (written in place) are copied.
+    writes into the old one.
+
+    Raises:
+        TypeError: a cache other than ``DynamicCache`` (written in place; cropping and row copies assume dynamic layers).
     """
     from transformers import DynamicCache
 
     if not isinstance(cache, DynamicCache):
-        new = copy.deepcopy(cache)
-        if n > 1:
-            new.batch_repeat_interleave(n)
-        return new
+        raise TypeError(f"staged decoding needs a DynamicCache, got {type(cache).__name__}")
     if n == 1:
         return _with_layers(cache, lambda i, k, v: (k, v))
     return _with_layers(cache, lambda i, k, v: (k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0)))

@@ -42,7 +42,7 @@ class SelfJudge:
         self._cross = cross_layers(model)
         self._head: tuple[list[int], object, object] | None = None  # last shared opening run: ids, cache, prefix
 
-    def _prompt(self, question: str, so_far: str, stage: str, first: str, second: str, n_images: int = 1) -> str:
+    def _prompt(self, question: str, so_far: str, stage: str, first: str, second: str, n_images: int) -> str:
         """The comparison prompt. Everything but the two candidates comes first, so all the prompts of a
         question share a long opening (run once, kept across rounds and stages) and each prompt's own
         part is little more than its two candidates."""

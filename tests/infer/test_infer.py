@@ -108,7 +108,7 @@ def test_self_judge_averages_both_orders_and_reuses_image_states(reasoner, image
     p, ids = reasoner.processor, judge.label_ids
     single = []
     for first, second in (("a red square", "a blue circle"), ("a blue circle", "a red square")):
-        text = judge._prompt("What color?", prefix.text, "CAPTION", first, second)
+        text = judge._prompt("What color?", prefix.text, "CAPTION", first, second, 1)
         inputs = p(images=[[Image.open(image).convert("RGB")]], text=[text], add_special_tokens=False,
                    return_tensors="pt")
         with torch.no_grad():
