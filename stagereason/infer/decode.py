@@ -153,10 +153,11 @@ class Stepper:
 
     def _lean(self, ids, cache, position):
         """Mllama's text decoder for one token per row, written out (mirrors ``MllamaTextModel.forward``)."""
+        from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
+
         lm, b = self.mllama.language_model, ids.shape[0]
         h = lm.embed_tokens(ids)
         cos, sin = lm.rotary_emb(h, torch.tensor([[position]], device=ids.device))
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for idx, layer in enumerate(lm.layers):
             if idx in lm.cross_attention_layers:
                 cached = cache.layers[idx] if idx < len(cache.layers) else None
@@ -167,7 +168,7 @@ class Stepper:
                 mask = None if self.xmask is None else self.xmask.expand(b, -1, -1, -1)
                 a = _attend(att.q_norm(q), cached.keys, cached.values, mask, att.scaling)
                 h = h + layer.cross_attn_attn_gate.tanh() * att.o_proj(a.transpose(1, 2).reshape(b, 1, -1))
-                x = _mlp(layer.mlp, layer.post_attention_layernorm(h))
+                x = layer.mlp(layer.post_attention_layernorm(h))
                 if self.full_row is not None:
                     x = self.full_row[:, 0] * x
                 h = h + layer.cross_attn_mlp_gate.tanh() * x
@@ -177,10 +178,10 @@ class Stepper:
                 q = att.q_proj(x).view(b, 1, -1, att.head_dim).transpose(1, 2)
                 k = att.k_proj(x).view(b, 1, -1, att.head_dim).transpose(1, 2)
                 v = att.v_proj(x).view(b, 1, -1, att.head_dim).transpose(1, 2)
-                q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
                 k, v = cache.update(k, v, idx)
                 h = h + att.o_proj(_attend(q, k, v, None, att.scaling).transpose(1, 2).reshape(b, 1, -1))
-                h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(lm.norm(h)[:, -1]).float()
 
 
@@ -188,15 +189,6 @@ def _lean_layers(mllama) -> bool:
     """Whether the text decoder is made of the layers ``Stepper._lean`` writes out."""
     names = {type(layer).__name__ for layer in mllama.language_model.layers}
     return names <= {"MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"}
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
 
 
 _GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # sdpa's enable_gqa
