@@ -71,12 +71,16 @@ def crop_cache(cache, length: int, keep: set[int]):
     return _with_layers(cache, lambda i, k, v: (k, v) if i in keep else (k[..., :length, :], v[..., :length, :]))
 
 
-def _row_of(cache, b: int, copy_out: bool):
+def _row_of(cache, b: int, copy_out: bool, prefix, shared: set[int]):
     """Row ``b`` of a batch cache as a one-row cache: copied while the batch goes on (a view would keep the
-    whole batch's tensors alive), a view once the batch is done."""
-    if copy_out:
-        return _with_layers(cache, lambda i, k, v: (k[b:b + 1].clone(), v[b:b + 1].clone()))
-    return _with_layers(cache, lambda i, k, v: (k[b:b + 1], v[b:b + 1]))
+    whole batch's tensors alive), a view once the batch is done. Layers in ``shared`` (the image keys/values,
+    the same in every row and never appended to) are the one-row ``prefix`` cache's own tensors, not copies."""
+    def row(i, k, v):
+        if i in shared:
+            return prefix.layers[i].keys, prefix.layers[i].values
+        return (k[b:b + 1].clone(), v[b:b + 1].clone()) if copy_out else (k[b:b + 1], v[b:b + 1])
+
+    return _with_layers(cache, row)
 
 
 def cross_layers(model) -> set[int]:
@@ -289,7 +293,8 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
         end-of-turn, none of them left out).
     """
     device = model.device
-    cache = fork_cache(cache, n)
+    batch = fork_cache(cache, n)
+    shared = cross_layers(model)
     step = Stepper(model, step_xmask)
     warpers = _warpers(model, temperature, top_p) if do_sample else None
     stop_check = _StopCheck(tok, list(stops or []))
@@ -299,7 +304,7 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
     alive = list(range(n))  # call rows still in the batch, in batch order
     ids = torch.full((n, 1), last_id, dtype=torch.long, device=device)
     for i in range(max_new_tokens):
-        logits = step(ids, cache, position + i)
+        logits = step(ids, batch, position + i)
         if do_sample:
             warped = logits
             for warp in warpers:
@@ -320,12 +325,12 @@ def decode(model, tok, cache, last_id: int, position: int, n: int, max_new_token
                 done = stop_check(rows[r]) or i + 1 == max_new_tokens
             (ended if done else keep).append(b)
         for b in ended:
-            saved[alive[b]] = _row_of(cache, b, copy_out=bool(keep))
+            saved[alive[b]] = _row_of(batch, b, bool(keep), cache, shared)
         if not keep:
             break
         if len(keep) < len(alive):
             idx = torch.tensor(keep, device=device)
-            cache.batch_select_indices(idx)
+            batch.batch_select_indices(idx)
             nxt = nxt.index_select(0, idx)
             alive = [alive[b] for b in keep]
         ids = nxt[:, None]

@@ -51,6 +51,8 @@ def test_rows_that_stop_early_leave_the_batch_and_keep_their_own_cache(reasoner,
     rows, means = prefix.continuations(6, ["a", "e"], 12, do_sample=True, temperature=1.5, top_p=1.0, scores=True)
     lengths = {len(r) for r in rows}
     assert len(lengths) > 1, "rows should end at different steps"
+    for row_cache in prefix._candidates[1]:  # rows that ended early hold the prefix's image keys, not copies
+        assert all(row_cache.layers[i].keys is prefix.cache.layers[i].keys for i in D.cross_layers(model))
     for row, mean in zip(rows, means, strict=True):
         if not row:
             continue
@@ -67,10 +69,14 @@ def test_a_taken_candidate_continues_as_if_encoded_from_scratch(reasoner, pictur
     """``take`` reuses the chosen row's cache; greedy decoding after it equals generate on prompt + row."""
     model, tok = reasoner.model, reasoner.processor.tokenizer
     prefix = Prefix(model, reasoner.processor, [picture], "Count.")
+    image_kv = {i: prefix.cache.layers[i].keys for i in D.cross_layers(model)}
+    assert image_kv and all(k is not None and k.shape[0] == 1 for k in image_kv.values())
     torch.manual_seed(1)
     rows, _ = prefix.continuations(3, ["o"], 10, do_sample=True, temperature=1.5, top_p=1.0)
     winner = max(range(3), key=lambda i: len(rows[i]))
     prefix.take(winner)
+    # the image keys/values stay the prefix's own one-row tensors: no copy per row, no batch kept alive
+    assert all(prefix.cache.layers[i].keys is k for i, k in image_kv.items())
     with pytest.raises(RuntimeError, match="continuations"):
         prefix.take(0)  # taken already: nothing left to take
     prefix.extend(tok.encode(" </SUMMARY>", add_special_tokens=False))  # run lazily, with the next decode
