@@ -54,7 +54,8 @@ def fork_cache(cache, n: int):
     writes into the old one.
 
     Raises:
-        TypeError: a cache other than ``DynamicCache`` (written in place; cropping and row copies assume dynamic layers).
+        TypeError: a cache other than ``DynamicCache`` (written in place; crops and row copies assume
+            dynamic layers).
     """
     from transformers import DynamicCache
 
