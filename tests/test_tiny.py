@@ -94,6 +94,11 @@ def test_presets_sizes():
     n_demo = sum(p.numel() for p in demo_model.parameters())
     assert n_test < 500_000 and 1_000_000 < n_demo < 10_000_000
     assert set(PRESETS) == {"test", "demo"}
+    # each preset's text-decoder init std reaches the weights (the demo's is wider than Llama's 0.02)
+    for model, preset in ((test_model, PRESETS["test"]), (demo_model, PRESETS["demo"])):
+        weight = model.model.language_model.layers[0].self_attn.q_proj.weight
+        assert abs(weight.std().item() - preset.text_init_std) < 0.1 * preset.text_init_std
+    assert PRESETS["test"].text_init_std == 0.02 and PRESETS["demo"].text_init_std > 0.02
     with pytest.raises(ValueError, match="unknown preset"):
         build_tiny_model(None, preset="huge")
 
