@@ -123,8 +123,9 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
                   workers: int = 8, records: list | None = None) -> ValidationReport:
     """Validate a dataset (see the module docstring). Never raises on bad rows; see the report.
 
-    ``records``, when given, receives ``(id or where, row)`` for every JSON-object row as read,
-    so a caller that also needs the rows does not read and parse the file a second time.
+    ``records``, when given, receives ``(name, row)`` for every JSON-object row as read, named as the
+    report names it (its id, or where it is; a repeated id gets ``#1``, ``#2``...), so a caller that
+    also needs the rows neither reads and parses the file a second time nor names them again.
 
     Raises:
         FileNotFoundError: ``path`` is neither a data file nor a gen output dir.
@@ -141,12 +142,12 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
             report.add(where, "json", err)
             continue
         row = str(rec.get("id", where))
-        if records is not None:
-            records.append((row, rec))
         if row in seen:
             report.repeated_ids[row] = report.repeated_ids.get(row, 1) + 1
             row = f"{row}#{report.repeated_ids[row] - 1}"  # each row keeps its own name in the report
         seen.add(row)
+        if records is not None:
+            records.append((row, rec))
         to_check += [(row, p) for p in check_row(rec, row, root, report)]
     report.images = len(to_check)
     if check_images and to_check:

@@ -171,7 +171,7 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
             rid = str(rec.get("id", i))
             n = named.get(rid, 0)
             named[rid] = n + 1
-            rid = rid if n == 0 else f"{rid}#{n}"  # named before the checks, as below, so problems match rows
+            rid = rid if n == 0 else f"{rid}#{n}"  # named before the checks, as check_dataset names them
             report.rows += 1
             paths = check_row(rec, rid, root or Path("."), report)
             if check_images and root is not None:
@@ -185,14 +185,8 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise ValueError(f"{len(bad)} invalid row(s) in {report.path}: {shown}{more}. "
                          "Fix them (stagereason validate lists all) or pass --skip_invalid to drop them")
-    seen: dict[str, int] = {}
-    rows = []
-    for rid, rec in records:
-        n = seen.get(rid, 0)
-        seen[rid] = n + 1
-        key = rid if n == 0 else f"{rid}#{n}"  # repeated ids are distinct rows, named as validate names them
-        if key not in bad:
-            rows.append(_row(rec, key, root))
+    # records are named as the report names them (a repeated id is a distinct row: ``id#1``...)
+    rows = [_row(rec, name, root) for name, rec in records if name not in bad]
     return rows, report, source
 
 

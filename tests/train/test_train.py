@@ -313,6 +313,11 @@ def test_repeated_ids_are_distinct_rows_not_errors(scenes, tmp_path):
     rid = rows[0]["id"]
     assert [r.id for r in loaded] == [rid, f"{rid}#1", f"{rid}#2"] and report.ok
     assert report.repeated_ids == {rid: 3}
+    # a broken repeat is dropped by its own name; the good rows with the same id stay
+    rows[1]["conversations"][1]["value"] = "no tags at all"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded, report, _ = load_rows(str(data), skip_invalid=True)
+    assert list(report.problems) == [f"{rid}#1"] and [r.id for r in loaded] == [rid, f"{rid}#2"]
 
 
 @settings(max_examples=60, deadline=None)
