@@ -3,6 +3,7 @@
 Assets: scenes drawn by stagereason.data_gen.scenes.
 """
 
+import re
 from collections import Counter, defaultdict
 
 import pytest
@@ -65,3 +66,49 @@ def test_yes_no_families_are_balanced():
     for fam in ("spatial", "compare"):
         answers = Counter(e.answer for e in make_examples(600, seed=5, families=(fam,)))
         assert abs(answers["Yes"] - answers["No"]) < 90, answers
+
+
+def _caption_objects(caption):
+    """(colour, shape) of each object, in the caption's order ("a red circle at the top; a small blue ...")."""
+    items = caption.split(": ", 1)[1].rstrip(".").split("; ")
+    return [tuple(w for w in item.split()[1:] if w not in ("small", "large"))[:2] for item in items]
+
+
+def _walk(tally):
+    """"red 1; green no; red 2" -> [("red", 1), ("green", None), ("red", 2)]."""
+    steps = [s.rsplit(" ", 1) for s in tally.split("; ")]
+    return [(label, None if n == "no" else int(n)) for label, n in steps]
+
+
+@pytest.mark.parametrize("difficulty", [1, 3])
+def test_counting_reasoning_walks_every_object_of_the_caption_in_order(difficulty):
+    """count, arithmetic and compare decide object by object, and the running count ends at the answer."""
+    seen = Counter()
+    for ex in make_examples(600, seed=4, difficulty=difficulty, families=("count", "arithmetic", "compare")):
+        objs = _caption_objects(ex.trace.caption)
+        reasoning = ex.trace.reasoning
+        if ex.family == "compare":
+            m = re.fullmatch(r"Counting (\w+): (.*), so (\d+)\. Counting (\w+): (.*), so (\d+)\. "
+                             r"(\d+) is (more|not more) than (\d+)\.", reasoning)
+            assert m, reasoning
+            for color, tally, n in (m.group(1, 2, 3), m.group(4, 5, 6)):
+                walk = _walk(tally)
+                assert [label for label, _ in walk] == [c for c, _ in objs], reasoning
+                hits = [k for k, (c, _) in enumerate(objs) if c == color]
+                assert [k for k, (_, n) in enumerate(walk) if n] == hits, reasoning
+                assert [n for _, n in walk if n] == list(range(1, len(hits) + 1)) and int(n) == len(hits)
+            assert (m[7], m[9]) == (m[3], m[6]) and (m[8] == "more") == (int(m[3]) > int(m[6])) == (ex.answer == "Yes")
+        else:
+            head, tally = reasoning.split(": ", 1)
+            tally, total = tally.rsplit(". That makes ", 1)
+            walk = _walk(tally)
+            assert len(walk) == len(objs), reasoning
+            for (label, _), (color, shape) in zip(walk, objs, strict=True):
+                assert label in (color, shape, f"{color} {shape}"), reasoning
+            counted = [m for _, m in walk if m]
+            assert counted == list(range(1, len(counted) + 1)) and total == f"{len(counted)}." == f"{ex.answer}."
+            target = head.removeprefix("Looking for ").split()
+            hit_words = {label for label, m in walk if m}
+            assert all(w.rstrip("s") in " ".join(target) for w in " ".join(hit_words).split()), reasoning
+        seen[ex.family] += 1
+    assert min(seen.values()) > 150, seen
