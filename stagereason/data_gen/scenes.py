@@ -114,9 +114,14 @@ def _draw_shapes(objs: list[Obj], size: int, rng: random.Random) -> Image.Image:
     return img
 
 
+def _reading_order(objs: list[Obj]) -> list[Obj]:
+    """Row by row, left to right: the order the caption names objects in, and the reasoning walks them."""
+    return sorted(objs, key=lambda o: (o.row, o.col))
+
+
 def _caption(objs: list[Obj]) -> str:
     """Objects in reading order, each named then placed, as the reasoning names them ("a red circle at the top")."""
-    ordered = sorted(objs, key=lambda o: (o.row, o.col))
+    ordered = _reading_order(objs)
     sized = len({x.size for x in objs}) > 1
     items = "; ".join(f"a {o.size + ' ' if sized else ''}{o.name} {o.where}" for o in ordered)
     n = len(objs)
@@ -130,9 +135,10 @@ def _tally(objs: list[Obj], label, match) -> str:
     out of the caption at once, which a small model learns far sooner (see the README's demo).
     """
     count, steps = 0, []
-    for o in sorted(objs, key=lambda o: (o.row, o.col)):
-        count += bool(match(o))
-        steps.append(f"{label(o)} {count if match(o) else 'no'}")
+    for o in _reading_order(objs):
+        hit = match(o)
+        count += hit
+        steps.append(f"{label(o)} {count if hit else 'no'}")
     return "; ".join(steps)
 
 
