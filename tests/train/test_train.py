@@ -110,9 +110,6 @@ def _snapshot(model):
     inference forward and back at a save; the codes and scales stay the same, so those are compared.
     NaN != NaN, so packed storage is compared as bytes.
     """
-    import copy
-
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Params4bit
 
     out = {}
@@ -120,7 +117,11 @@ def _snapshot(model):
         data = p.detach()
         if isinstance(p, Params4bit) and p.quant_state is not None:
             state = p.quant_state
-            if getattr(state, "packing_format_for_cpu", False):
+            if getattr(state, "packing_format_for_cpu", False):  # the inverse of that repacking, on copies
+                import copy
+
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
                 data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
             out[name + ".absmax"] = state.absmax.detach().float().clone()
         out[name] = data.contiguous().view(torch.uint8).flatten().clone()
