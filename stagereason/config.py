@@ -106,7 +106,7 @@ def parse_config(types: tuple[type, ...], argv: list[str], *, prog: str = "stage
     args = _expand_positionals(list(argv), positionals)
     pre, _ = _pre_parser().parse_known_args(args)
     if pre.config:
-        defaults = load_yaml_config(pre.config, types)
+        defaults = _check_yaml_values(parser, load_yaml_config(pre.config, types), pre.config)
         parser.set_defaults_with_config(**defaults)
     try:
         *objs, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
@@ -121,6 +121,35 @@ def parse_config(types: tuple[type, ...], argv: list[str], *, prog: str = "stage
     return tuple(o for o in objs if not isinstance(o, argparse.Namespace))  # drop the --config namespace
 
 
+def _check_yaml_values(parser, values: dict[str, Any], path: str) -> dict[str, Any]:
+    """Convert and check YAML values as their flags would be: argparse never checks a default it is given.
+
+    Without this, ``peft: foo`` or ``lora_r: 8.5`` in a YAML file would pass silently and
+    ``learning_rate: [1, 2]`` would fail deep in the optimizer.
+    """
+    actions = {a.dest: a for a in parser._actions}
+    out = dict(values)
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None or value is None or action.type in (None, str):
+            continue
+        items = value if action.nargs in ("+", "*") and isinstance(value, list) else [value]
+        converted = []
+        for item in items:
+            what = f"{key}: {item!r} in {path}"
+            if isinstance(item, (list, dict)):
+                raise ConfigError(f"{what} must be a single value, not a {type(item).__name__}")
+            try:
+                got = action.type(item if isinstance(item, str) else str(item))
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                raise ConfigError(f"{what} is not a valid value ({err})") from err
+            if action.choices is not None and got not in action.choices:
+                raise ConfigError(f"{what} is not one of {', '.join(map(str, action.choices))}")
+            converted.append(got)
+        out[key] = converted if items is value else converted[0]
+    return out
+
+
 def _pre_parser():
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -132,5 +161,12 @@ def dump_config(objs: tuple, path: str | Path) -> None:
     merged: dict[str, Any] = {}
     for obj in objs:
         d = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
-        merged.update(d)
-    Path(path).write_text(yaml.safe_dump(merged, sort_keys=False))
+        # transformers' to_dict hides *_token values behind "<NAME>" placeholders; written back they would be read
+        # as real tokens, so they are left out (a hub token is a secret anyway)
+        merged.update({k: v for k, v in d.items() if not (k.endswith("_token") and v == f"<{k.upper()}>")})
+
+    class _NoAliases(yaml.SafeDumper):  # equal dicts written out in full, not as &id001 / *id001
+        def ignore_aliases(self, data):
+            return True
+
+    Path(path).write_text(yaml.dump(merged, Dumper=_NoAliases, sort_keys=False))

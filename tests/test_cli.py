@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -88,6 +89,30 @@ def test_bad_yaml_is_a_clear_error(tmp_path, text, match):
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=match):
         parse_config((_Opts,), ["--config", str(cfg)])
+
+
+@dataclass
+class _Typed:
+    peft: Literal["qlora", "lora", "none"] = "qlora"
+    lora_r: int = 16
+    learning_rate: float = 2e-4
+    bf16: bool = False
+
+
+@pytest.mark.parametrize("text,match", [
+    ("peft: foo\n", r"peft: 'foo' in .*c.yaml is not one of qlora, lora, none"),
+    ("lora_r: 8.5\n", r"lora_r: 8.5 in .*c.yaml is not a valid value"),
+    ("lora_r: true\n", r"lora_r: True in .*c.yaml is not a valid value"),
+    ("learning_rate: [1, 2]\n", r"learning_rate: \[1, 2\] in .*c.yaml must be a single value, not a list"),
+    ("bf16: maybe\n", r"bf16: 'maybe' in .*c.yaml is not a valid value")])
+def test_yaml_values_are_checked_like_flags(tmp_path, text, match):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        parse_config((_Typed,), ["--config", str(cfg)])
+    cfg.write_text("peft: lora\nlora_r: 8\nlearning_rate: 1e-3\nbf16: yes\n")  # YAML reads 1e-3 as a string
+    (o,) = parse_config((_Typed,), ["--config", str(cfg)])
+    assert (o.peft, o.lora_r, o.learning_rate, o.bf16) == ("lora", 8, 1e-3, True)
 
 
 def test_missing_config_file(tmp_path):

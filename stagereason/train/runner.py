@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -83,12 +84,39 @@ class TrainConfig(SFTConfig):
     logging_steps: float = _f(10, "Log every N steps.")
     save_steps: float = _f(200, "Checkpoint every N steps (resume with --resume_from_checkpoint auto).")
     save_total_limit: int | None = _f(2, "Checkpoints kept.")
+    resume_from_checkpoint: str | None = _f(None, "Resume: a checkpoint-N folder, or 'auto' for the newest complete "
+                                                  "checkpoint in output_dir (none there: start afresh).")
 
     def __post_init__(self):
         if self.freeze_vision_tower and self.vision_lora:
             raise ValueError("--freeze_vision_tower and --vision_lora contradict each other: choose one")
+        if self.activation_offloading and not (hasattr(torch, "accelerator") and torch.accelerator.is_available()):
+            # TRL's offloading moves saved activations from the accelerator to host memory; with none it fails deep
+            # in the trainer, after the model has loaded
+            raise ValueError("--activation_offloading moves activations from the GPU to host memory, and no GPU is "
+                             "visible: drop it on the CPU")
         if isinstance(self.gradient_checkpointing_kwargs, str):
-            self.gradient_checkpointing_kwargs = json.loads(self.gradient_checkpointing_kwargs)
+            try:
+                self.gradient_checkpointing_kwargs = json.loads(self.gradient_checkpointing_kwargs)
+            except ValueError as err:
+                raise ValueError(f"--gradient_checkpointing_kwargs {self.gradient_checkpointing_kwargs!r} is not a "
+                                 f"JSON object ({err})") from err
+        try:
+            split = float(self.eval_split)
+        except (TypeError, ValueError):
+            split = None  # a dataset path, or "none"
+        if split is not None and split > 1 and not split.is_integer():
+            raise ValueError(f"--eval_split {self.eval_split}: a fraction is below 1, a row count is a whole number")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"--num_train_epochs {self.num_train_epochs} with --max_steps {self.max_steps}: "
+                             "nothing to train; give a positive one")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"--max_length {self.max_length}: must be at least 1 (leave it out for no limit)")
+        if self.peft != "none" and self.lora_r < 1:
+            raise ValueError(f"--lora_r {self.lora_r}: the LoRA rank must be at least 1")
         # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; both names work here,
         # the new one winning, without the deprecation warning that SFTConfig's own default would raise
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
@@ -98,6 +126,16 @@ class TrainConfig(SFTConfig):
         if not torch.cuda.is_available():
             self.bf16, self.fp16 = False, False  # fp32 on the CPU
         super().__post_init__()
+
+    def to_dict(self) -> dict:
+        # one name per checkpointing option, the one the recipes use: a saved config re-run with
+        # --no_gradient_checkpointing must not be overruled by a copy under transformers' newer name
+        d = super().to_dict()
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if old in d and d.get(new) == d[old]:
+                d.pop(new)
+        return d
 
 
 def _frozen_towers_record_no_graph(model) -> None:
@@ -156,6 +194,31 @@ class StageSFTTrainer(SFTTrainer):
         self.image_source = image_source or (lambda ref: ref)
         self.stage_samples: list[dict] = []
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's checkpoint loading, made strict.
+
+        Full weights are saved under the checkpoint format's names (Mllama: ``language_model.model.*``), which the
+        Trainer loads into the model's own names (``model.language_model.*``) non-strictly: nothing loads and a
+        warning is all that shows. They are loaded here through the model's own renaming, and any weight left
+        out is an error. Adapters and FSDP checkpoints go the Trainer's way; a shape mismatch names the checkpoint.
+        """
+        from transformers.trainer import _is_peft_model
+
+        model = self.model if model is None else model
+        ckpt = Path(resume_from_checkpoint)
+        full = (ckpt / "model.safetensors").is_file() or (ckpt / "model.safetensors.index.json").is_file()
+        if full and not self.is_fsdp_enabled and not _is_peft_model(model):
+            _load_full_weights(model, ckpt)
+            return
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err))
+            raise ValueError(f"checkpoint {ckpt} was saved from another base model than "
+                             f"{self.args.model_name_or_path}: {first}") from None
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.stage_rows and self.is_world_process_zero():
@@ -191,6 +254,54 @@ class StageSFTTrainer(SFTTrainer):
         if self.text_only_accuracy is not None:
             metrics["text_only_accuracy"] = self.text_only_accuracy
         return metrics
+
+
+def _saved_names(model) -> dict[str, str]:
+    """Each state-dict key of ``model`` -> its name in a saved checkpoint (``save_pretrained`` renames some)."""
+    keys = list(model.state_dict())
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        probe = revert_weight_conversion(model, {k: torch.tensor(float(i)) for i, k in enumerate(keys)})
+        return {keys[int(t.item())]: saved for saved, t in probe.items() if torch.is_tensor(t) and t.dim() == 0}
+    except Exception as err:  # noqa: BLE001 - a private helper of transformers: without it, names are kept
+        logger.debug("checkpoint names taken as the model's own: %s", err)
+        return {k: k for k in keys}
+
+
+def _load_full_weights(model, ckpt: Path) -> None:
+    """Copy a full-weights checkpoint into ``model`` tensor by tensor; every weight must be there, shapes equal."""
+    from safetensors import safe_open
+
+    index = ckpt / "model.safetensors.index.json"
+    files = ([ckpt / "model.safetensors"] if not index.is_file()
+             else [ckpt / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())])
+    own = model.state_dict()
+    names = {saved: key for key, saved in _saved_names(model).items()}
+    loaded: set[int] = set()  # data pointers: a tied weight is loaded with the one it shares storage with
+    unexpected = []
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for saved in h.keys():
+                    key = names.get(saved, saved if saved in own else None)
+                    if key is None:
+                        unexpected.append(saved)
+                        continue
+                    tensor = h.get_tensor(saved)
+                    if tuple(tensor.shape) != tuple(own[key].shape):
+                        raise ValueError(f"checkpoint {ckpt} was saved from another model: {saved} has shape "
+                                         f"{tuple(tensor.shape)}, the model's {key} {tuple(own[key].shape)}")
+                    own[key].copy_(tensor)
+                    loaded.add(own[key].data_ptr())
+    missing = [k for k, t in own.items() if t.data_ptr() not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt} lacks {len(missing)} weight(s) of the model (e.g. {missing[0]}): it was "
+                         "saved from another model or is not a full-weights checkpoint")
+    if unexpected:
+        logger.warning("checkpoint %s holds %d weight(s) the model does not have (e.g. %s); ignored", ckpt,
+                       len(unexpected), unexpected[0])
+    logger.info("resumed weights from %s (%d tensors)", ckpt, len(own))
 
 
 def text_only_guesser(train_rows: list[Row]):
@@ -254,32 +365,86 @@ def _prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
     resume = cfg.resume_from_checkpoint
     if resume == "auto":
         resume = last_complete_checkpoint(out) if out.is_dir() else None
-        if resume is None:
+        if resume is None and not (out.is_dir() and any(out.iterdir())):
             logger.info("no checkpoint in %s: starting from scratch", out)
     elif resume and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist")
+    if resume:
+        _check_checkpoint_kind(Path(resume), cfg.peft)
     if out.is_dir() and any(out.iterdir()) and resume is None and not cfg.dry_run:
         if not cfg.overwrite_output_dir:
             how = ("it holds no complete checkpoint to resume from" if cfg.resume_from_checkpoint == "auto"
                    else "pass --resume_from_checkpoint auto to resume")
             raise FileExistsError(f"output_dir {out} is not empty; {how}; pass --overwrite_output_dir to replace "
                                   "it, or choose another --output_dir")
+        inside = [f"--{name} {value}" for name, value in _input_paths(cfg) if _within(value, out)]
+        if inside:
+            raise FileExistsError(f"--overwrite_output_dir would delete {out}, which holds this run's input "
+                                  f"({', '.join(inside)}); choose another --output_dir")
         return resume, True
     return resume, False
 
 
-def _token_lengths(rows: list[Row], processor, template: str) -> None:
+def _check_checkpoint_kind(ckpt: Path, peft: str) -> None:
+    """A checkpoint must hold what this run trains: an adapter for LoRA/QLoRA, full weights for --peft none."""
+    adapter = (ckpt / "adapter_config.json").is_file()
+    full = (ckpt / "model.safetensors").is_file() or (ckpt / "model.safetensors.index.json").is_file()
+    if peft == "none" and adapter:
+        raise ValueError(f"--resume_from_checkpoint {ckpt} holds a LoRA adapter, and this run is --peft none (full "
+                         "fine-tuning): resume with the run's own --peft, or start afresh in another --output_dir")
+    if peft != "none" and full and not adapter:
+        raise ValueError(f"--resume_from_checkpoint {ckpt} holds full weights (a --peft none run), and this run is "
+                         f"--peft {peft}: resume with --peft none, or start afresh in another --output_dir")
+
+
+def _input_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
+    return [(name, value) for name in ("dataset", "model_name_or_path", "image_root", "eval_split",
+                                       "chat_template_path")
+            if isinstance(value := getattr(cfg, name), str) and value]
+
+
+def _within(path: str, folder: Path) -> bool:
+    p = Path(path)
+    if not p.exists():  # a hub name, a fraction: nothing on disk to lose
+        return False
+    p, folder = p.resolve(), folder.resolve()
+    return p == folder or folder in p.parents
+
+
+def _token_lengths(rows: list[Row], processor, template: str, report, skip_invalid: bool) -> list[Row]:
+    """Count each row's tokens; rows the chat template refuses are named (or dropped, counted, with --skip_invalid).
+
+    Returns the rows the template renders.
+    """
+    from jinja2 import TemplateError
+
     tok = processor.tokenizer
-    texts = [processor.apply_chat_template(r.messages, tokenize=False, chat_template=template) for r in rows]
-    for r, ids in zip(rows, tok(texts, add_special_tokens=False)["input_ids"], strict=True):
+    texts, kept, refused = [], [], []
+    for r in rows:
+        try:
+            texts.append(processor.apply_chat_template(r.messages, tokenize=False, chat_template=template))
+            kept.append(r)
+        except TemplateError as err:  # e.g. Llama-3.2-Vision's: "Prompting with images is incompatible with system
+            refused.append(r)         # messages."
+            report.add(r.id, "chat template", str(err))
+    if refused and not skip_invalid:
+        shown = "; ".join(f"row {r.id}: {report.problems[r.id][-1]}" for r in refused[:5])
+        raise ValueError(f"{len(refused)} row(s) of the dataset are refused by the model's chat template: {shown}"
+                         f"{' ...' if len(refused) > 5 else ''}; pass --skip_invalid to drop them")
+    if refused:
+        logger.warning("dropped %d row(s) the chat template refuses (--skip_invalid)", len(refused))
+    for r, ids in zip(kept, tok(texts, add_special_tokens=False)["input_ids"] if texts else [], strict=True):
         r.n_tokens = len(ids)
+    return kept
 
 
 def _dataset_summary(rows: list[Row], kept: list[Row], eval_rows: list[Row], report, cfg: TrainConfig) -> dict:
     lens = np.array([r.n_tokens for r in rows]) if rows else np.array([0])
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    steps = cfg.max_steps if cfg.max_steps > 0 else int(np.ceil(len(kept) / per_step) * cfg.num_train_epochs)
+    # as the Trainer counts: batches per epoch, updates per epoch (rounded up), then epochs (rounded up)
+    batches = -(-len(kept) // (cfg.per_device_train_batch_size * world))
+    per_epoch = max(-(-batches // cfg.gradient_accumulation_steps), 1)
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
     return {
         "rows": report.rows, "invalid_dropped": len(report.problems), "train_rows": len(kept),
         "eval_rows": len(eval_rows), "too_long_dropped": len(rows) - len(kept) - len(eval_rows),
@@ -357,7 +522,8 @@ def _peak_memory_gb() -> float:
 
 
 def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, summary_data: dict,
-          runtime: float) -> dict:
+          runtime: float, first_step: int = 0) -> dict:
+    """Write the run directory; ``runtime`` and the rates cover this run's steps (after ``first_step`` if resumed)."""
     from stagereason.config import dump_config
     from stagereason.data_gen.records import atomic_write_text
 
@@ -370,10 +536,12 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
     losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
     stage = [h for h in history if "eval_format_rate" in h]
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
-    samples = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps \
-        * trainer.args.world_size
+    # this run's steps only: a resumed run's time and tokens count from where it resumed
+    samples = (trainer.state.global_step - first_step) * cfg.per_device_train_batch_size \
+        * cfg.gradient_accumulation_steps * trainer.args.world_size
     summary = {
-        "steps": trainer.state.global_step, "final_train_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step, "resumed_from_step": first_step,
+        "final_train_loss": losses[-1] if losses else None,
         "train_runtime_s": round(runtime, 2), "samples_per_s": round(samples / max(runtime, 1e-9), 3),
         "tokens_per_s": round(tokens / max(runtime, 1e-9), 1) if tokens else None,
         "peak_memory_gb": _peak_memory_gb(),
@@ -447,7 +615,9 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
                          "tiles per image")
     processor = AutoProcessor.from_pretrained(cfg.model_name_or_path)
     template = training_chat_template(processor, model_config.model_type, cfg.chat_template_path)
-    _token_lengths(train_rows + eval_rows, processor, template)
+    rendered = {id(r) for r in _token_lengths(train_rows + eval_rows, processor, template, rep, cfg.skip_invalid)}
+    train_rows = [r for r in train_rows if id(r) in rendered]
+    eval_rows = [r for r in eval_rows if id(r) in rendered]
     limit = cfg.max_length or 10**9
     kept, eval_kept = [r for r in train_rows if r.n_tokens <= limit], [r for r in eval_rows if r.n_tokens <= limit]
     data = _dataset_summary(train_rows + eval_rows, kept, eval_kept, rep, cfg)
@@ -460,11 +630,6 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
     model, processor = _load(cfg, processor)  # the processor loaded above for the token counts
-    if clear:  # data and model are in hand: only now does the previous run go, removed by one process only
-        with cfg.main_process_first(desc="removing the previous run"):
-            if cfg.process_index == 0:
-                logger.warning("removing the previous contents of %s (--overwrite_output_dir)", cfg.output_dir)
-                shutil.rmtree(cfg.output_dir)
     tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
     most = getattr(processor.image_processor, "max_image_tiles", None)
     max_side = cfg.max_image_side or tile * (most or 4)
@@ -486,12 +651,26 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         )
     finally:
         cfg.assistant_only_loss = user_assistant_only
+    if clear:  # data, model and trainer are in hand: only now does the previous run go, removed by one process
+        with cfg.main_process_first(desc="removing the previous run"):
+            if cfg.process_index == 0:
+                logger.warning("removing the previous contents of %s (--overwrite_output_dir)", cfg.output_dir)
+                shutil.rmtree(cfg.output_dir)
     info = {"base_model": cfg.model_name_or_path, "model_type": model_config.model_type, "peft": cfg.peft,
             "quantization": "4bit-nf4" if cfg.peft == "qlora" else None,
             "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32",
             "attention": model.config._attn_implementation, "dataset": cfg.dataset,
             "versions": _versions(), "git_revision": _git_revision(), "resumed_from": resume}
     return TrainSetup(trainer, processor, info, data, resume)
+
+
+def _checkpoint_step(ckpt: str | None) -> int:
+    if not ckpt:
+        return 0
+    try:
+        return int(json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("global_step", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -507,12 +686,13 @@ def run_train(cfg: TrainConfig) -> dict:
         report("dataset (dry run: nothing trained)", setup.data, cfg.json)
         return setup.data
     trainer = setup.trainer
+    first_step = _checkpoint_step(setup.resume)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=setup.resume)
+    out = trainer.train(resume_from_checkpoint=setup.resume)
+    runtime = out.metrics.get("train_runtime", time.perf_counter() - start)  # training only, this run's part
     if trainer.eval_dataset is not None and cfg.eval_strategy == "no":
         trainer.evaluate()  # one evaluation at the end, stage metrics included
-    runtime = time.perf_counter() - start
-    summary = _save(cfg, trainer, setup.processor, setup.info, setup.data, runtime)
+    summary = _save(cfg, trainer, setup.processor, setup.info, setup.data, runtime, first_step)
     if trainer.stage_samples:
         sample = trainer.stage_samples[0]
         print(f"\nheld-out example {sample['id']}: {sample['question']}\n{sample['output']}\n"

@@ -219,6 +219,14 @@ def test_frozen_vision_tower_keeps_its_weights_while_the_rest_trains(tiny_dir, s
         _cfg(tiny_dir, scenes, tmp_path / "other", "--freeze_vision_tower", "true", "--vision_lora", "true")
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the refusal is for machines without a GPU")
+def test_activation_offloading_without_a_gpu_is_refused_before_the_model_loads(tiny_dir, scenes, tmp_path, capsys):
+    assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes),
+                 "--output_dir", str(tmp_path / "run"), "--activation_offloading", "true"]) != 0
+    assert "--activation_offloading moves activations from the GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes), "--output_dir", str(out),
@@ -239,6 +247,13 @@ def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
     assert {"torch", "transformers", "trl", "peft"} <= set(info["versions"])
     (cfg,) = parse_config((TrainConfig,), ["--config", str(out / "train_config.yaml")])  # reloadable
     assert cfg.peft == "lora" and cfg.max_steps == 2
+    saved = (out / "train_config.yaml").read_text()
+    assert "_TOKEN>" not in saved and "&id" not in saved  # no placeholders read back as tokens, no YAML aliases
+    (cfg,) = parse_config((TrainConfig,), ["--config", str(out / "train_config.yaml"), "--gradient_checkpointing"])
+    assert cfg.gradient_checkpointing and cfg.activation_checkpointing  # the flag wins over the saved file
+    (cfg,) = parse_config((TrainConfig,), ["--config", str(out / "train_config.yaml"), "--max_steps", "1",
+                                           "--output_dir", str(tmp_path / "rerun")])
+    assert cfg.eos_token is None and cfg.pad_token is None and cfg.hub_token is None
     capsys.readouterr()
     assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes),
                  "--output_dir", str(out)]) == 1
@@ -301,6 +316,45 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, 
     summary = json.loads((out / "train_summary.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
     assert summary["steps"] == 40 and os.path.basename(info["resumed_from"]).startswith("checkpoint-")
+
+
+def test_resuming_full_finetuning_loads_the_trained_weights_not_the_base(tiny_dir, scenes, tmp_path):
+    # full weights are saved under the checkpoint format's names (language_model.model.*), not the model's own
+    # (model.language_model.*): loaded as they are, nothing would load and training would restart from the base
+    out = tmp_path / "run"
+    first = build_trainer(_cfg(tiny_dir, scenes, out, "--peft", "none", "--max_steps", "2", "--save_steps", "2"))
+    first.trainer.train()
+    trained = {k: v.detach().clone() for k, v in first.trainer.model.state_dict().items()}
+    second = build_trainer(_cfg(tiny_dir, scenes, out, "--peft", "none", "--max_steps", "3",
+                                "--resume_from_checkpoint", "auto"))
+    assert second.resume == str(out / "checkpoint-2")
+    model = second.trainer.model
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(base[k], trained[k]) for k in trained)
+    second.trainer._load_from_checkpoint(second.resume)
+    loaded = model.state_dict()
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+    # a checkpoint of another kind or of another model is named before anything trains
+    with pytest.raises(ValueError, match="holds full weights .* and this run is --peft lora"):
+        build_trainer(_cfg(tiny_dir, scenes, out, "--peft", "lora", "--resume_from_checkpoint", "auto"))
+    with pytest.raises(ValueError, match="saved from another model"):
+        _load_shrunk(second.trainer.model, out / "checkpoint-2", tmp_path)
+
+
+def _load_shrunk(model, ckpt, tmp_path):
+    """Load ``ckpt`` with one weight cut short: as a checkpoint of another model would be."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stagereason.train.runner import _load_full_weights
+
+    bad = tmp_path / "bad-ckpt"
+    shutil.copytree(ckpt, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["language_model.lm_head.weight"] = weights["language_model.lm_head.weight"][:-1].contiguous()
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    _load_full_weights(model, bad)
 
 
 def test_auto_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
@@ -483,6 +537,53 @@ def test_overwrite_output_dir_keeps_the_old_run_when_the_new_one_fails_early(tin
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         build_trainer(_cfg(tiny_dir, tmp_path / "no-such-data", tmp_path / "afile"))
+
+
+def test_overwrite_waits_for_the_trainer_and_never_deletes_the_runs_own_input(tiny_dir, scenes, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_text("previous run")
+    with pytest.raises(ValueError, match="nomatch"):  # PEFT refuses the targets while the trainer is built
+        build_trainer(_cfg(tiny_dir, scenes, out, "--overwrite_output_dir", "true", "--peft", "lora",
+                           "--lora_target_modules", "nomatch"))
+    assert (out / "model.safetensors").read_text() == "previous run"
+    import shutil
+
+    shutil.copytree(scenes, out / "data")
+    with pytest.raises(FileExistsError, match=r"holds this run's input \(--dataset "):
+        build_trainer(_cfg(tiny_dir, out / "data", out, "--overwrite_output_dir", "true"))
+    assert (out / "data" / "data.jsonl").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_rows_the_chat_template_refuses_are_named_or_dropped(tiny_dir, scenes, tmp_path, capsys):
+    rows = [json.loads(x) for x in (scenes / "data.jsonl").read_text().splitlines()]
+    rows[1]["conversations"].insert(0, {"from": "system", "value": "Answer in stages."})  # with an image: refused
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "images").symlink_to(scenes / "images")
+    args = ["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(data), "--dry_run",
+            "--eval_split", "none", "--json"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"row {rows[1]['id']}: chat template: Prompting with images is incompatible with system messages" in err
+    assert main(args + ["--skip_invalid"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["invalid_dropped"] == 1 and summary["train_rows"] == len(rows) - 1
+
+
+def test_dry_run_estimates_the_steps_the_trainer_takes(tiny_dir, scenes, tmp_path, capsys):
+    # 20 training rows, batch 3: 7 batches; accumulation 2: 4 updates an epoch; 1.1 epochs: 5 updates
+    args = ["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes), "--dry_run", "--json",
+            "--eval_split", "4", "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2",
+            "--num_train_epochs", "1.1", "--max_steps", "-1"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["estimated_steps"] == 5
+    for flags, said in ((["--eval_split", "1.5"], "--eval_split 1.5"),
+                        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
+                        (["--num_train_epochs", "-1"], "nothing to train"),
+                        (["--gradient_checkpointing_kwargs", "notjson"], "--gradient_checkpointing_kwargs")):
+        assert main(args + flags) == 2  # a bad option: exits as argparse does
+        assert said in capsys.readouterr().err
 
 
 def test_a_corrupt_image_met_while_training_names_its_file(tmp_path):
