@@ -8,6 +8,7 @@ silently: reading it raises an error naming the file and line.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -45,24 +46,47 @@ def repair_tail(path: Path) -> int:
 def iter_jsonl(path: Path, *, strict: bool = True) -> Iterator[tuple[int, dict | None, str | None]]:
     """Yield ``(line_number, record, error)`` for each non-empty line.
 
-    With ``strict`` a malformed line raises ``ValueError`` naming file and line;
-    otherwise it is yielded with ``record=None`` and the error.
+    A UTF-8 byte order mark before the first line is allowed. With ``strict``
+    a malformed line (bad JSON, not an object, not UTF-8) raises ``ValueError``
+    naming file and line; otherwise it is yielded with ``record=None`` and the error.
     """
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as err:
-                msg = f"{path} line {lineno} is not a valid JSON object ({err})"
-                if strict:
-                    raise ValueError(msg + "; fix or remove that line") from None
-                yield lineno, None, msg
-                continue
-            yield lineno, rec, None
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:  # never replaced silently: a wrong byte would train as text
+                msg = f"{path} line {lineno} is not valid UTF-8 (byte {err.start} of the line)"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as err:
+                    msg = f"{path} line {lineno} is not a valid JSON object ({err})"
+                else:
+                    yield lineno, rec, None
+                    continue
+            if strict:
+                raise ValueError(msg + "; fix or remove that line") from None
+            yield lineno, None, msg
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8 (a leading byte order mark dropped).
+
+    Raises:
+        ValueError: bytes that are not UTF-8, named by their offset in the file.
+    """
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid UTF-8 (byte offset {bom + err.start})") from None
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
@@ -73,13 +97,14 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
     name). A row that is not a JSON object is yielded with ``record=None``.
 
     Raises:
-        ValueError: a JSON list that does not parse, or a ``.json`` file holding one multi-line object.
+        ValueError: a JSON list that does not parse or is not UTF-8, or a ``.json`` file holding one
+            multi-line object.
     """
     with path.open("rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     if head.startswith(b"["):
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_read_text(path))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
         for i, rec in enumerate(rows):
@@ -87,7 +112,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
             yield f"row {i}", rec if ok else None, None if ok else f"{path} row {i} is not a JSON object"
         return
     if head.startswith(b"{") and path.suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         if "\n" in text.strip():
             try:
                 whole = json.loads(text)

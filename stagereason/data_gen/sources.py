@@ -52,6 +52,24 @@ class Example:
     single_image_field: bool = True  # the source wrote `image` as one string, not a list
 
 
+def _unique_name(rid: str, taken: dict[str, int]) -> str:
+    """``rid``, else the first free ``rid#1``, ``rid#2``...: unique against every name given so far.
+
+    ``taken`` maps each name given to the next suffix to try, so ids that
+    already look like ``x#1`` never collide with a renamed repeat of ``x``.
+    """
+    if rid not in taken:
+        taken[rid] = 1
+        return rid
+    n = taken[rid]
+    while f"{rid}#{n}" in taken:
+        n += 1
+    taken[rid] = n + 1
+    name = f"{rid}#{n}"
+    taken[name] = 1
+    return name
+
+
 def _strip_placeholder(text: str) -> str:
     return re.sub(r"\s*<image>\s*", "\n", text).strip()
 
@@ -76,9 +94,7 @@ def _as_choices(value) -> dict[str, str] | None:
 
 def _llava_row(row: dict, where: str, image_root: Path, seen: dict[str, int]) -> Example:
     rid = str(row.get("id", where))
-    n = seen.get(rid, 0)
-    seen[rid] = n + 1
-    key = rid if n == 0 else f"{rid}#{n}"  # duplicate ids in a source stay distinct records
+    key = _unique_name(rid, seen)  # duplicate ids in a source stay distinct records
     extra = {k: v for k, v in row.items() if k not in ("id", "image", "conversations", "hints", "choices")}
     ex = Example(id=key, images=[], turns=[], hints=_as_hints(row.get("hints")), extra=extra)
     try:
@@ -151,11 +167,19 @@ def _hf_image(value) -> Any:
     return value
 
 
+_HF_DISK_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what ``save_to_disk`` writes
+
+
+def _is_hf_disk(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``datasets`` ``save_to_disk``."""
+    return any((Path(path) / name).is_file() for name in _HF_DISK_FILES)
+
+
 def _open_hf(path: str, split: str, name: str | None):
     import datasets
 
     p = Path(path)
-    if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+    if _is_hf_disk(p):
         ds = datasets.load_from_disk(str(p))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     return datasets.load_dataset(path, name, split=split)
@@ -187,9 +211,7 @@ def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_
     seen: dict[str, int] = {}
     for i, row in enumerate(ds):
         rid = str(row[id_column]) if id_column else f"{i:07d}"
-        n = seen.get(rid, 0)
-        seen[rid] = n + 1
-        key = rid if n == 0 else f"{rid}#{n}"
+        key = _unique_name(rid, seen)
         ex = Example(id=key, images=[], turns=[], extra={k: v for k, v in row.items()
                                                           if k not in used and _jsonable(v)})
         image = _hf_image(row.get(image_column))

@@ -1,9 +1,10 @@
 """``stagereason validate``: check a dataset in the LLaVA-CoT layout before training on it.
 
-Checks every row: the line parses, roles alternate
-human/gpt, at most one ``<image>`` placeholder per image (none is fine: the
-published LLaVA-CoT-100k strips them), every image exists and decodes, and
-every gpt turn passes the strict stage format.
+Checks every row: the line parses, an optional system turn comes first and
+is not empty, roles alternate human/gpt, the ``<image>`` placeholders (over
+all human turns) match the images one to one (none at all is fine: the
+published LLaVA-CoT-100k strips them), every image exists and decodes as
+training decodes it, and every gpt turn passes the strict stage format.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stagereason.data_gen.records import iter_records
-from stagereason.data_gen.sources import IMAGE_PLACEHOLDER
+from stagereason.data_gen.sources import _HF_DISK_FILES, IMAGE_PLACEHOLDER, _unique_name
 from stagereason.stages import TraceFormatError, parse_trace
 
 __all__ = ["ValidateConfig", "ValidationReport", "check_dataset", "resolve_data_file", "run_validate"]
@@ -60,32 +61,113 @@ class ValidationReport:
         return dict(out)
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """The data files in ``folder``: its ``data.jsonl`` (gen output), else all its ``.jsonl`` / ``.json`` files."""
+    if (folder / "data.jsonl").is_file():
+        return [folder / "data.jsonl"]
+    return sorted(f for f in folder.iterdir() if f.suffix in (".jsonl", ".json") and f.is_file()
+                  and f.name not in _HF_DISK_FILES)
+
+
 def resolve_data_file(path: str | Path) -> Path:
-    """A gen output dir means its ``data.jsonl``; a file is itself.
+    """A file is itself; a folder means its ``data.jsonl`` (gen output), else its one ``.jsonl`` / ``.json`` file.
 
     Raises:
         FileNotFoundError: nothing usable at ``path``.
+        ValueError: a folder without ``data.jsonl`` holding several data files (they are named).
     """
     p = Path(path)
     if p.is_dir():
-        p = p / "data.jsonl"
+        found = _data_files(p)
+        if len(found) > 1:
+            raise ValueError(f"{path} holds several data files ({', '.join(f.name for f in found)}); "
+                             "pass the one to use")
+        p = found[0] if found else p / "data.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"no dataset at {path} (expected a data.jsonl file or a gen output directory)")
     return p
 
 
-def _check_image(path: Path) -> str | None:
+# Big photos are data, not attacks: PIL's default cap (~89M pixels) calls a valid 15000x15000 scan a
+# "decompression bomb". Training shrinks big images anyway; beyond this cap an image is too big to decode.
+_MAX_PIXELS = 1 << 30
+
+
+def _open_pil(src):
+    """Open (lazily) a path, bytes, or HF image cell ``{"bytes", "path"}``."""
+    import io
+
     from PIL import Image
 
-    if not path.is_file():
-        return f"missing image {path}"
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < _MAX_PIXELS:
+        Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
+    if isinstance(src, (bytes, bytearray)):
+        return Image.open(io.BytesIO(src))
+    if isinstance(src, dict):
+        return Image.open(io.BytesIO(src["bytes"])) if src.get("bytes") else Image.open(src["path"])
+    return Image.open(src)
+
+
+def _to_rgb(im):
+    """Decode ``im`` as upright 8-bit RGB: EXIF orientation first, transparency over white, 16-bit scaled."""
+    import numpy as np
+    from PIL import ExifTags, Image, ImageOps
+
     try:
-        with Image.open(path) as im:
+        turned = im.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    except Exception:  # an unreadable EXIF block says nothing about the pixels: shown as stored
+        turned = False
+    if turned:
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey: scale, never saturate at 255
+        grey = np.asarray(im.convert("I"), dtype=np.float64)
+        if im.mode != "I" or grey.max() > 255:  # 32-bit "I" holding 8-bit values stays as it is
+            grey = grey / 257
+        im = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        white.alpha_composite(im)
+        return white.convert("RGB")
+    return im.convert("RGB")
+
+
+def _check_image(src, name: str | None = None) -> str | None:
+    """A problem with one image (a path, or a HF image cell), or None: decoded as training decodes it, small."""
+    if not name:
+        name = (src.get("name") or src.get("path") or "<bytes>") if isinstance(src, dict) else str(src)
+    if isinstance(src, Path) and not src.is_file():
+        return f"missing image {src}"
+    if isinstance(src, dict) and not src.get("bytes") and not (src.get("path") and Path(src["path"]).is_file()):
+        return f"missing image {name}"
+    try:
+        with _open_pil(src) as im:
             im.draft("RGB", (64, 64))  # JPEGs decode at reduced scale: fast, still reads every byte
-            im.load()
+            _to_rgb(im)
     except Exception as err:  # PIL raises many types for corrupt data
-        return f"image {path} does not decode ({type(err).__name__}: {err})"
+        return f"image {name} does not decode ({type(err).__name__}: {err})"
     return None
+
+
+def _check_turns(convs: list, row: str, report: ValidationReport) -> list | None:
+    """The human/gpt turns of a conversation, or None when its roles are wrong (reported)."""
+    for i, t in enumerate(convs):
+        if isinstance(t, dict) and t.get("from") == "system":
+            if i:
+                report.add(row, "roles", f"turn {i + 1} is a system turn; only the first turn may be")
+                return None
+            if not isinstance(t.get("value"), str) or not t["value"].strip():
+                report.add(row, "empty_turn", "the system turn is empty or has no value")
+    turns = convs[1:] if isinstance(convs[0], dict) and convs[0].get("from") == "system" else convs
+    for i, t in enumerate(turns):
+        want = ("human", "user") if i % 2 == 0 else ("gpt", "assistant")
+        role = t.get("from") if isinstance(t, dict) else None
+        if role not in want:
+            report.add(row, "roles", f"turn {i + 1} is {role!r}, expected {want[0]!r}")
+            return None
+        if not isinstance(t.get("value"), str) or not t["value"].strip():
+            report.add(row, "empty_turn", f"turn {i + 1} ({role}) is empty")
+    return turns
 
 
 def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list[Path]:
@@ -94,21 +176,15 @@ def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list
     if not isinstance(convs, list) or not convs:
         report.add(row, "roles", "no conversations")
         return []
-    turns = [t for t in convs if not (isinstance(t, dict) and t.get("from") == "system")]
-    for i, t in enumerate(turns):
-        want = ("human", "user") if i % 2 == 0 else ("gpt", "assistant")
-        role = t.get("from") if isinstance(t, dict) else None
-        if role not in want:
-            report.add(row, "roles", f"turn {i + 1} is {role!r}, expected {want[0]!r}")
-            return []
-        if not isinstance(t.get("value"), str) or not t["value"].strip():
-            report.add(row, "empty_turn", f"turn {i + 1} ({role}) is empty")
+    turns = _check_turns(convs, row, report)
+    if turns is None:
+        return []
     if len(turns) % 2:
         report.add(row, "roles", "ends with a human turn that has no answer")
     image = rec.get("image")
     images = [] if image is None else image if isinstance(image, list) else [image]
     placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns[::2] if isinstance(t.get("value"), str))
-    if placeholders > len(images):
+    if placeholders and placeholders != len(images):  # none at all is fine: images then lead the first turn
         report.add(row, "placeholders", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)")
     for i, t in enumerate(turns[1::2]):
         if isinstance(t.get("value"), str) and t["value"].strip():
@@ -117,6 +193,20 @@ def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list
             except TraceFormatError as err:
                 report.add(row, "stage_format", f"gpt turn {i + 1}: {err.problems[0]}")
     return [root / str(p) for p in images]
+
+
+def _check_all_images(to_check: list[tuple[str, object]], report: ValidationReport, workers: int = 8,
+                      load=None) -> None:
+    """Decode each ``(row, image)`` (``load(image)`` first when given) and report the ones that fail."""
+    def one(src):
+        return _check_image(load(src) if load else src)
+
+    unique = list(dict.fromkeys(src for _, src in to_check))
+    with ThreadPoolExecutor(workers) as pool:
+        errors = dict(zip(unique, pool.map(one, unique), strict=True))
+    for row, src in to_check:
+        if errors[src]:
+            report.add(row, "image", errors[src])
 
 
 def check_dataset(path: str | Path, image_root: str | Path | None = None, check_images: bool = True,
@@ -134,7 +224,8 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
     data = resolve_data_file(path)
     root = Path(image_root) if image_root else data.parent
     report = ValidationReport(path=str(data))
-    seen: set[str] = set()
+    taken: dict[str, int] = {}
+    counts: Counter = Counter()
     to_check: list[tuple[str, Path]] = []
     for where, rec, err in iter_records(data):
         report.rows += 1
@@ -142,21 +233,16 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
             report.add(where, "json", err)
             continue
         row = str(rec.get("id", where))
-        if row in seen:
-            report.repeated_ids[row] = report.repeated_ids.get(row, 1) + 1
-            row = f"{row}#{report.repeated_ids[row] - 1}"  # each row keeps its own name in the report
-        seen.add(row)
+        counts[row] += 1
+        if counts[row] > 1:
+            report.repeated_ids[row] = counts[row]
+        row = _unique_name(row, taken)  # each row keeps its own name in the report
         if records is not None:
             records.append((row, rec))
         to_check += [(row, p) for p in check_row(rec, row, root, report)]
     report.images = len(to_check)
     if check_images and to_check:
-        unique = sorted({p for _, p in to_check})
-        with ThreadPoolExecutor(workers) as pool:
-            errors = dict(zip(unique, pool.map(_check_image, unique), strict=True))
-        for row, p in to_check:
-            if errors[p]:
-                report.add(row, "image", errors[p])
+        _check_all_images(to_check, report, workers)
     return report
 
 

@@ -1,20 +1,34 @@
 """Training data: LLaVA-CoT records -> TRL vision rows (``messages`` + ``images``), images opened lazily.
 
 Accepts a gen output dir, a ``data.jsonl`` / ``.json`` file (the published
-LLaVA-CoT-100k ``train.jsonl`` loads as is, given its image root), or a HF
-dataset (``save_to_disk`` folder or hub name) in the same layout.
+LLaVA-CoT-100k ``train.jsonl`` loads as is, given its image root), a folder
+holding one such file (image paths relative to it), or a HF dataset
+(``save_to_disk`` folder or hub name) in the same layout. Every row and image
+is checked here, before any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from stagereason.data_gen.sources import IMAGE_PLACEHOLDER, _open_hf
-from stagereason.data_gen.validate import ValidationReport, check_dataset, check_row, resolve_data_file
+from stagereason.data_gen.sources import IMAGE_PLACEHOLDER, _is_hf_disk, _open_hf, _unique_name
+from stagereason.data_gen.validate import (
+    ValidationReport,
+    _check_all_images,
+    _data_files,
+    _open_pil,
+    _to_rgb,
+    check_dataset,
+    check_row,
+    resolve_data_file,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ImageSource", "Row", "load_rows", "open_image", "split_rows", "to_dataset", "to_messages"]
 
@@ -32,30 +46,32 @@ class Row:
     n_tokens: int = 0
 
 
-def _user_content(text: str, n_images: int, first: bool) -> list[dict]:
-    """Images go where the ``<image>`` placeholders are; without any, before the first turn's text."""
-    if IMAGE_PLACEHOLDER in text:
-        parts = text.split(IMAGE_PLACEHOLDER)
-        content: list[dict] = []
-        for i, part in enumerate(parts):
-            if i:
-                content.append({"type": "image"})
-            if part.strip():
-                content.append({"type": "text", "text": part.strip()})
-        return content
-    images = [{"type": "image"} for _ in range(n_images)] if first else []
-    return images + [{"type": "text", "text": text.strip()}]
+def _user_content(text: str, n_lead: int) -> list[dict]:
+    """Images go where the ``<image>`` placeholders are, after ``n_lead`` images that lead the text."""
+    content: list[dict] = [{"type": "image"} for _ in range(n_lead)]
+    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            content.append({"type": "image"})
+        if part.strip():
+            content.append({"type": "text", "text": part.strip()})
+    return content
 
 
 def to_messages(rec: dict, n_images: int) -> list[dict]:
-    """LLaVA ``conversations`` -> chat ``messages`` (multi-turn kept; a leading system turn kept)."""
-    messages, first = [], True
+    """LLaVA ``conversations`` -> chat ``messages`` (multi-turn kept; a leading system turn kept).
+
+    When any human turn has ``<image>`` placeholders, images go there and
+    only there (validation makes their count match the images); without any,
+    all ``n_images`` go before the first human turn's text.
+    """
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    placed = any(IMAGE_PLACEHOLDER in t["value"] for t in rec["conversations"] if roles[t["from"]] == "user")
+    messages, lead = [], 0 if placed else n_images
     for turn in rec["conversations"]:
-        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "system": "system"}[turn["from"]]
+        role = roles[turn["from"]]
         if role == "user":
-            messages.append({"role": "user", "content": _user_content(turn["value"], n_images, first)})
-            first = False
+            messages.append({"role": "user", "content": _user_content(turn["value"], lead)})
+            lead = 0
         else:
             messages.append({"role": role, "content": [{"type": "text", "text": turn["value"].strip()}]})
     return messages
@@ -141,6 +157,25 @@ def _hf_meta(ds, tag: str = "hf"):
         yield i, rec
 
 
+def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str):
+    """Rows of a HF dataset named and checked as :func:`check_dataset` checks a file, images decoded too."""
+    ds = _open_hf(dataset, "train", None)
+    source = ImageSource({tag: ds}) if "image" in ds.column_names else ImageSource()
+    root = Path(image_root) if image_root else None
+    report = ValidationReport(path=str(dataset))
+    records, taken, to_check = [], {}, []
+    for i, rec in _hf_meta(ds, tag):
+        rid = _unique_name(str(rec.get("id", i)), taken)  # named before the checks, as check_dataset names them
+        report.rows += 1
+        for p in check_row(rec, rid, root or Path("."), report):
+            to_check.append((rid, p.name if _is_hf_ref(p.name) else p))
+        records.append((rid, rec))
+    report.images = len(to_check)
+    if check_images and to_check:
+        _check_all_images(to_check, report, load=lambda ref: source(ref) if isinstance(ref, str) else ref)
+    return records, report, source, root
+
+
 def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool = False,
               check_images: bool = True, tag: str = "hf") -> tuple[list[Row], ValidationReport, ImageSource]:
     """Load and validate a dataset; fail fast on bad rows unless ``skip_invalid``.
@@ -150,35 +185,19 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         out and listed in ``report``; ``images`` resolves the rows' image references.
 
     Raises:
-        ValueError: invalid rows (named in the message) and ``skip_invalid`` is off.
+        ValueError: invalid rows (named in the message) and ``skip_invalid`` is off; a folder
+            holding several data files.
         FileNotFoundError: no dataset at ``dataset``.
     """
     path = Path(dataset)
-    source = ImageSource()
-    if path.is_file() or (path.is_dir() and (path / "data.jsonl").is_file()):
+    if path.is_file() or (path.is_dir() and not _is_hf_disk(path) and _data_files(path)):
         data = resolve_data_file(path)
         root = Path(image_root) if image_root else data.parent
         records = []
         report = check_dataset(data, root, check_images=check_images, records=records)
+        source = ImageSource()
     else:
-        ds = _open_hf(dataset, "train", None)
-        source = ImageSource({tag: ds}) if "image" in ds.column_names else ImageSource()
-        root = Path(image_root) if image_root else None
-        report = ValidationReport(path=str(dataset))
-        records = []
-        named: dict[str, int] = {}
-        for i, rec in _hf_meta(ds, tag):
-            rid = str(rec.get("id", i))
-            n = named.get(rid, 0)
-            named[rid] = n + 1
-            rid = rid if n == 0 else f"{rid}#{n}"  # named before the checks, as check_dataset names them
-            report.rows += 1
-            paths = check_row(rec, rid, root or Path("."), report)
-            if check_images and root is not None:
-                for p in paths:
-                    if not _is_hf_ref(p.name) and not p.is_file():
-                        report.add(rid, "image", f"missing image {p}")
-            records.append((rid, rec))
+        records, report, source, root = _load_hf(dataset, image_root, check_images, tag)
     bad = set(report.problems)
     if bad and not skip_invalid:
         shown = "; ".join(f"{row}: {msgs[0]}" for row, msgs in list(report.problems.items())[:5])
@@ -191,17 +210,23 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
 
 
 def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image_root: str | None = None,
-               source: ImageSource | None = None):
+               source: ImageSource | None = None, *, skip_invalid: bool = False):
     """``eval_split`` is a fraction (``0.05``), a row count (``200``), a dataset path, or empty for none.
 
-    A separate eval dataset's images are added to ``source`` (under their own tag).
+    A separate eval dataset is loaded as :func:`load_rows` loads the training
+    data (its invalid rows dropped with ``skip_invalid``, else an error); its
+    images are added to ``source`` (under their own tag).
     """
     if eval_split in (None, "", "0", 0, "none"):
         return rows, []
     try:
         frac = float(eval_split)
     except (TypeError, ValueError):
-        eval_rows, _, eval_source = load_rows(str(eval_split), image_root, tag="hfeval")
+        eval_rows, report, eval_source = load_rows(str(eval_split), image_root, skip_invalid=skip_invalid,
+                                                   tag="hfeval")
+        if report.problems:
+            logger.warning("dropped %d invalid eval row(s) of %s: %s", len(report.problems), report.path,
+                           ", ".join(list(report.problems)[:5]))
         if source is not None:
             source.update(eval_source)
         return rows, eval_rows
@@ -235,35 +260,29 @@ def fit_tiles(im, tile: int, most: int):
 def open_image(src, max_side: int | None = None, tiles: tuple[int, int] | None = None):
     """Open one image (path, bytes, HF image dict or PIL) as RGB, cap its longest side and (``(tile, most)``) its tiles.
 
+    Decoded as validation decodes it: EXIF orientation applied first,
+    transparency composited over white, 16-bit grey scaled to 8 bits; an
+    image past PIL's "decompression bomb" size is read (and shrunk), not refused.
+
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: data that does not decode as an image (the path is named).
+        ValueError: data that does not decode as an image, whatever PIL raised (the image is named).
     """
-    import io
-
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     name = "<bytes>" if isinstance(src, (bytes, bytearray, dict)) else str(src)
+    if isinstance(src, dict):  # HF Image feature without decoding (``name``: where it came from)
+        name = src.get("name") or src.get("path") or name
+    elif not isinstance(src, (Image.Image, bytes, bytearray)) and not Path(src).is_file():
+        raise FileNotFoundError(f"image {src} does not exist")
     try:
-        if isinstance(src, Image.Image):
-            raw = src
-        elif isinstance(src, (bytes, bytearray)):
-            raw = Image.open(io.BytesIO(src))
-        elif isinstance(src, dict):  # HF Image feature without decoding (``name``: where it came from)
-            name = src.get("name") or src.get("path") or name
-            raw = Image.open(io.BytesIO(src["bytes"])) if src.get("bytes") else Image.open(src["path"])
-        else:
-            if not Path(src).is_file():
-                raise FileNotFoundError(f"image {src} does not exist")
-            raw = Image.open(src)
+        raw = src if isinstance(src, Image.Image) else _open_pil(src)
         if max_side and max(raw.size) > max_side and raw.format == "JPEG":
             raw.draft("RGB", (max_side, max_side))  # decode big JPEGs at reduced scale
-        im = raw.convert("RGB")  # decodes; a corrupt file fails here
+        im = _to_rgb(raw)  # decodes (as validation does); a corrupt file fails here
         if raw is not src:
             raw.close()
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Exception as err:  # PIL raises many types for corrupt data
         raise ValueError(f"image {name} cannot be read ({type(err).__name__}: {err})") from err
     if max_side and max(im.size) > max_side:
         im.thumbnail((max_side, max_side))

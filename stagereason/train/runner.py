@@ -604,7 +604,8 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
 
     resume, clear = _prepare_output_dir(cfg)
     rows, rep, source = load_rows(cfg.dataset, cfg.image_root, skip_invalid=cfg.skip_invalid)
-    train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root, source)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root, source,
+                                       skip_invalid=cfg.skip_invalid)
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
     most = getattr(getattr(model_config, "vision_config", None), "max_num_tiles", None)
     if cfg.max_image_tiles is not None and most is None:

@@ -161,3 +161,11 @@ def test_gen_names_each_written_image_by_the_format_of_its_bytes(tmp_path):
     assert recs["j"]["image"] == "images/j.jpg" and recs["b"]["image"] == "images/b.png"
     for rec, fmt in ((recs["j"], "JPEG"), (recs["b"], "PNG")):
         assert Image.open(tmp_path / "out" / rec["image"]).format == fmt
+
+
+def test_llava_repeated_ids_never_take_an_existing_id_and_a_bom_is_read(tmp_path):
+    write_llava(tmp_path, [])
+    rows = [row("x#1", "Q", "A"), row("x", "Q", "A"), row("x", "Q", "A")]
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    exs = list(llava_examples(tmp_path / "d.jsonl"))
+    assert [e.id for e in exs] == ["x#1", "x", "x#2"] and all(e.error is None for e in exs)

@@ -517,7 +517,10 @@ def test_a_corrupt_hf_image_met_while_collating_names_its_row(tiny_dir, tmp_path
                                     "conversations": datasets.List({"from": datasets.Value("string"),
                                                                     "value": datasets.Value("string")})}),
     ).save_to_disk(str(tmp_path / "hf"))
-    rows, report, source = load_rows(str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"b: image: image hf:1:1 \(row 1, image 1\) \(b2.jpg\) does not decode"):
+        load_rows(str(tmp_path / "hf"))  # checked before any model loads
+    # met only while collating (e.g. the image changed after the check): still named by row
+    rows, report, source = load_rows(str(tmp_path / "hf"), check_images=False)
     assert report.ok and [r.images for r in rows] == [["hf:0:0", "hf:0:1"], ["hf:1:0", "hf:1:1"]]
     processor = AutoProcessor.from_pretrained(tiny_dir)
     collator = StageCollator(processor, training_chat_template(processor, "mllama"), 64, 507, source=source)

@@ -1,0 +1,187 @@
+"""Training data: rows load, are checked and named before any model loads; images decode as the model needs them.
+
+Assets: JSONL files, HF ``save_to_disk`` folders and images, all written here with PIL / ``datasets``.
+"""
+
+import io
+import json
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from stagereason.train.data import load_rows, open_image, split_rows, to_messages
+
+TRACE = ("<SUMMARY> s </SUMMARY>\n\n<CAPTION> c </CAPTION>\n\n<REASONING> r </REASONING>\n\n"
+         "<CONCLUSION> B </CONCLUSION>")
+
+
+def _row(rid, image="img/a.png", human="What?", **extra):
+    return {"id": rid, "image": image,
+            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": TRACE}], **extra}
+
+
+def _write(folder, rows, name="data.jsonl"):
+    """JSONL of ``rows`` in ``folder``, with the images ``img/a.png`` (red) and ``img/b.png`` (blue)."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 20), "red").save(folder / "img" / "a.png")
+    Image.new("RGB", (20, 20), "blue").save(folder / "img" / "b.png")
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _kinds(messages):
+    return [(m["role"], [c["type"] if c["type"] == "image" else c["text"] for c in m["content"]]) for m in messages]
+
+
+def test_images_go_only_at_placeholders_when_any_turn_has_one():
+    two_turns = {"conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Ready?"}, {"from": "gpt", "value": "Yes."},
+        {"from": "human", "value": "What is <image> here?"}, {"from": "gpt", "value": "A cat."}]}
+    assert _kinds(to_messages(two_turns, 1)) == [
+        ("system", ["Be brief."]), ("user", ["Ready?"]), ("assistant", ["Yes."]),
+        ("user", ["What is", "image", "here?"]), ("assistant", ["A cat."])]
+    no_placeholder = {"conversations": [
+        {"from": "human", "value": "Same?"}, {"from": "gpt", "value": "No."},
+        {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]}
+    assert _kinds(to_messages(no_placeholder, 2)) == [
+        ("user", ["image", "image", "Same?"]), ("assistant", ["No."]), ("user", ["Sure?"]), ("assistant", ["Yes."])]
+
+
+def test_placeholders_fewer_than_images_fail_by_row_before_training(tmp_path):
+    data = _write(tmp_path, [_row("ok", human="<image> Q"), _row("short", image=["img/a.png", "img/b.png"],
+                                                                  human="<image> Same?")])
+    with pytest.raises(ValueError, match=r"1 invalid row\(s\) in .*data.jsonl: short: placeholders: "
+                                         r"1 <image> placeholder\(s\) for 2 image\(s\)\. Fix them"):
+        load_rows(str(data))
+    rows, report, _ = load_rows(str(data), skip_invalid=True)
+    assert [r.id for r in rows] == ["ok"] and list(report.problems) == ["short"]
+
+
+def test_bad_system_turns_are_dropped_with_skip_invalid(tmp_path):
+    def with_system(rid, turn):
+        rec = _row(rid)
+        rec["conversations"] = [turn, *rec["conversations"]]
+        return rec
+
+    data = _write(tmp_path, [with_system("sys_ok", {"from": "system", "value": "Be brief."}),
+                             with_system("sys_null", {"from": "system", "value": None}),
+                             with_system("sys_missing", {"from": "system"})])
+    with pytest.raises(ValueError, match="sys_null: empty_turn: the system turn is empty or has no value"):
+        load_rows(str(data))
+    rows, report, _ = load_rows(str(data), skip_invalid=True)
+    assert [r.id for r in rows] == ["sys_ok"] and list(report.problems) == ["sys_null", "sys_missing"]
+    assert rows[0].messages[0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+
+
+def _png(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, "PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def _hf(path, ids, images, feature):
+    turns = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": TRACE}]
+    datasets.Dataset.from_dict(
+        {"id": ids, "image": images, "conversations": [turns] * len(ids)},
+        features=datasets.Features({"id": datasets.Value("string"), "image": feature,
+                                    "conversations": datasets.List({"from": datasets.Value("string"),
+                                                                    "value": datasets.Value("string")})}),
+    ).save_to_disk(str(path))
+    return str(path)
+
+
+def test_hf_images_that_do_not_decode_are_named_before_training(tmp_path):
+    hf = _hf(tmp_path / "hf", ["a", "b"], [_png("red"), {"bytes": b"not an image", "path": "shots/b.png"}],
+             datasets.Image())
+    with pytest.raises(ValueError, match=r"1 invalid row\(s\) in .*hf: b: image: image hf:1:0 \(row 1, image 0\) "
+                                         r"\(b.png\) does not decode \(UnidentifiedImageError"):
+        load_rows(hf)
+    rows, report, _ = load_rows(hf, skip_invalid=True)
+    assert [r.id for r in rows] == ["a"] and list(report.problems) == ["b"] and report.images == 2
+    rows, report, _ = load_rows(hf, check_images=False)  # evaluate's quick load reads no image
+    assert len(rows) == 2 and report.ok
+
+
+def test_hf_image_paths_that_do_not_exist_are_named_with_or_without_image_root(tmp_path):
+    _write(tmp_path / "root", [])
+    hf = _hf(tmp_path / "hf", ["abs", "rel", "gone"],
+             [str(tmp_path / "root/img/a.png"), "img/b.png", str(tmp_path / "nope.png")], datasets.Value("string"))
+    rows, report, _ = load_rows(hf, str(tmp_path / "root"), skip_invalid=True)
+    assert [r.id for r in rows] == ["abs", "rel"]
+    assert report.problems == {"gone": [f"image: missing image {tmp_path / 'nope.png'}"]}
+    rows, report, _ = load_rows(hf, skip_invalid=True)  # no root: relative to the working directory
+    assert [r.id for r in rows] == ["abs"] and report.problems["rel"] == ["image: missing image img/b.png"]
+
+
+def test_hf_repeated_ids_never_take_an_existing_id(tmp_path):
+    hf = _hf(tmp_path / "hf", ["x#1", "x", "x"], [_png("red")] * 3, datasets.Image())
+    rows, report, _ = load_rows(hf)
+    assert [r.id for r in rows] == ["x#1", "x", "x#2"] and report.ok
+
+
+def test_a_folder_holding_one_data_file_loads_it_with_images_beside_it(tmp_path):
+    _write(tmp_path / "d", [_row("a"), _row("b", image="img/b.png")], name="train.jsonl")
+    rows, report, source = load_rows(str(tmp_path / "d"))
+    assert report.ok and [r.images for r in rows] == [[str(tmp_path / "d/img/a.png")], [str(tmp_path / "d/img/b.png")]]
+    assert open_image(source(rows[1].images[0])).getpixel((0, 0)) == (0, 0, 255)
+    _write(tmp_path / "d", [_row("c")], name="test.jsonl")
+    with pytest.raises(ValueError, match=r"holds several data files \(test.jsonl, train.jsonl\)"):
+        load_rows(str(tmp_path / "d"))
+
+
+def test_a_separate_eval_set_drops_its_invalid_rows_with_skip_invalid(tmp_path):
+    rows, _, source = load_rows(str(_write(tmp_path / "train", [_row("t")])))
+    held = _write(tmp_path / "eval", [_row("e1"), _row("e2", image="img/gone.png")])
+    with pytest.raises(ValueError, match=r"e2: image: missing image"):
+        split_rows(rows, str(held), 0, None, source)
+    train, evals = split_rows(rows, str(held), 0, None, source, skip_invalid=True)
+    assert [r.id for r in train] == ["t"] and [r.id for r in evals] == ["e1"]
+
+
+def _save(im, path, **kw):
+    im.save(path, **kw)
+    return path
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    logo = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    ImageDraw.Draw(logo).rectangle([8, 8, 23, 23], fill=(0, 0, 0, 255))
+    for name, im in [("rgba.png", logo), ("la.png", logo.convert("LA")),
+                     ("p.png", logo.convert("P"))]:  # P: a palette entry marked transparent
+        out = open_image(_save(im, tmp_path / name))
+        assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255), name
+        assert out.getpixel((16, 16)) == (0, 0, 0), name
+
+
+def test_exif_orientation_is_applied_first(tmp_path):
+    im = Image.new("RGB", (80, 40), "blue")
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise
+    out = open_image(_save(im, tmp_path / "side.jpg", exif=exif), max_side=60)
+    assert out.size == (30, 60)
+
+
+def test_16_bit_grey_is_scaled_not_saturated(tmp_path):
+    im = Image.fromarray(np.array([[0, 30000, 65535]], dtype=np.uint16))
+    assert im.mode.startswith("I")
+    out = np.asarray(open_image(_save(im, tmp_path / "g16.png")))
+    assert out[0, :, 0].tolist() == [0, 117, 255]  # 30000 / 257 = 116.7
+
+
+def test_a_big_image_is_shrunk_not_refused_and_any_decode_failure_names_the_image(tmp_path, monkeypatch):
+    from stagereason.data_gen import validate
+
+    big = _save(Image.new("RGB", (200, 100), "red"), tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # PIL's cap, lowered so the "big" image stays small
+    assert open_image(big, max_side=50).size == (50, 25)
+    monkeypatch.setattr(validate, "_MAX_PIXELS", 5000)  # past our own cap it is an error, named as any other
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    with pytest.raises(ValueError, match=r"image .*big.png cannot be read \(DecompressionBombError"):
+        open_image(big)
+    (tmp_path / "cut.png").write_bytes(big.read_bytes()[:80])
+    with pytest.raises(ValueError, match=r"image .*cut.png cannot be read \("):
+        open_image(tmp_path / "cut.png")
