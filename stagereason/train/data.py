@@ -157,6 +157,20 @@ def _hf_meta(ds, tag: str = "hf"):
         yield i, rec
 
 
+def _no_local_dataset(dataset: str) -> None:
+    """Refuse, without asking the Hub, a missing path that cannot be a Hub name (``runs/x`` where ``runs`` exists).
+
+    A folder that exists goes to ``datasets.load_dataset`` (parquet, arrow or csv files load from it).
+    """
+    p = Path(dataset)
+    if p.exists():
+        return
+    parts = dataset.replace("\\", "/").split("/")
+    if (p.is_absolute() or dataset.startswith((".", "~")) or len(parts) != 2 or p.suffix in (".json", ".jsonl")
+            or Path(parts[0]).is_dir()):
+        raise FileNotFoundError(f"no dataset at {dataset}: it does not exist")
+
+
 def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str):
     """Rows of a HF dataset named and checked as :func:`check_dataset` checks a file, images decoded too."""
     ds = _open_hf(dataset, "train", None)
@@ -196,8 +210,17 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         records = []
         report = check_dataset(data, root, check_images=check_images, records=records)
         source = ImageSource()
-    else:
+    elif _is_hf_disk(path):
         records, report, source, root = _load_hf(dataset, image_root, check_images, tag)
+    else:
+        _no_local_dataset(dataset)
+        try:
+            records, report, source, root = _load_hf(dataset, image_root, check_images, tag)
+        except (OSError, ValueError) as err:  # datasets' errors: connection, not found, gated, unknown files...
+            what = ("a folder without a data.jsonl / .jsonl / .json file or a saved HF dataset, and datasets could "
+                    "not load it" if path.is_dir() else "not a local file or folder, and loading it as a Hub "
+                    "dataset failed")
+            raise FileNotFoundError(f"no dataset at {dataset}: {what} ({type(err).__name__}: {err})") from err
     bad = set(report.problems)
     if bad and not skip_invalid:
         shown = "; ".join(f"{row}: {msgs[0]}" for row, msgs in list(report.problems.items())[:5])

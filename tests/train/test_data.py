@@ -5,6 +5,7 @@ Assets: JSONL files, HF ``save_to_disk`` folders and images, all written here wi
 
 import io
 import json
+import re
 
 import datasets
 import numpy as np
@@ -185,3 +186,19 @@ def test_a_big_image_is_shrunk_not_refused_and_any_decode_failure_names_the_imag
     (tmp_path / "cut.png").write_bytes(big.read_bytes()[:80])
     with pytest.raises(ValueError, match=r"image .*cut.png cannot be read \("):
         open_image(tmp_path / "cut.png")
+
+
+def test_a_missing_local_dataset_is_named_without_asking_the_hub(tmp_path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/nope", str(tmp_path / "nope"), "./data.jsonl", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=f"no dataset at {re.escape(name)}: it does not exist"):
+            load_rows(name)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(FileNotFoundError, match="org/name: not a local file or folder, and loading it as a Hub "
+                                                r"dataset failed \(ConnectionError: offline\)"):
+        load_rows("org/name")
