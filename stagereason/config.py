@@ -105,6 +105,10 @@ def parse_config(types: tuple[type, ...], argv: list[str], *, prog: str = "stage
     parser = make_parser(types, prog, description, positionals)
     args = _expand_positionals(list(argv), positionals)
     pre, _ = _pre_parser().parse_known_args(args)
+    if pre.config and len(pre.config) > 1:
+        raise ConfigError(f"{prog}: --config given {len(pre.config)} times ({', '.join(pre.config)}); give one "
+                          "file and override its options with flags")
+    pre.config = pre.config[0] if pre.config else None
     if pre.config:
         defaults = _check_yaml_values(parser, load_yaml_config(pre.config, types), pre.config)
         parser.set_defaults_with_config(**defaults)
@@ -152,7 +156,7 @@ def _check_yaml_values(parser, values: dict[str, Any], path: str) -> dict[str, A
 
 def _pre_parser():
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
+    pre.add_argument("--config", action="append")
     return pre
 
 

@@ -115,6 +115,13 @@ def test_yaml_values_are_checked_like_flags(tmp_path, text, match):
     assert (o.peft, o.lora_r, o.learning_rate, o.bf16) == ("lora", 8, 1e-3, True)
 
 
+def test_two_config_files_are_refused_not_one_silently_dropped(tmp_path):
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("beam_size: 8\n")
+    with pytest.raises(ConfigError, match=r"--config given 2 times \(.*a.yaml, .*b.yaml\)"):
+        parse_config((_Opts,), ["--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml")])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config((_Opts,), ["--config", str(tmp_path / "nope.yaml")])
