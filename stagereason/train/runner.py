@@ -38,6 +38,11 @@ def _f(default, help):  # noqa: A002 - argparse's word
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def _accelerator_available() -> bool:
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is the accelerator TRL uses
+    return accel.is_available() if hasattr(accel, "is_available") else torch.cuda.is_available()
+
+
 @dataclasses.dataclass
 class TrainConfig(SFTConfig):
     """Options of ``stagereason train``: ours below, plus every field of TRL's ``SFTConfig``."""
@@ -90,7 +95,7 @@ class TrainConfig(SFTConfig):
     def __post_init__(self):
         if self.freeze_vision_tower and self.vision_lora:
             raise ValueError("--freeze_vision_tower and --vision_lora contradict each other: choose one")
-        if self.activation_offloading and not (hasattr(torch, "accelerator") and torch.accelerator.is_available()):
+        if self.activation_offloading and not _accelerator_available():
             # TRL's offloading moves saved activations from the accelerator to host memory; with none it fails deep
             # in the trainer, after the model has loaded
             raise ValueError("--activation_offloading moves activations from the GPU to host memory, and no GPU is "

@@ -22,7 +22,7 @@ from stagereason.cli import main
 from stagereason.config import parse_config
 from stagereason.train.collate import StageCollator
 from stagereason.train.data import Row, load_rows
-from stagereason.train.runner import TrainConfig, build_trainer, text_only_guesser
+from stagereason.train.runner import TrainConfig, _accelerator_available, build_trainer, text_only_guesser
 from stagereason.train.templates import training_chat_template
 
 
@@ -219,7 +219,7 @@ def test_frozen_vision_tower_keeps_its_weights_while_the_rest_trains(tiny_dir, s
         _cfg(tiny_dir, scenes, tmp_path / "other", "--freeze_vision_tower", "true", "--vision_lora", "true")
 
 
-@pytest.mark.skipif(torch.accelerator.is_available(), reason="the refusal is for machines without a GPU")
+@pytest.mark.skipif(_accelerator_available(), reason="the refusal is for machines without a GPU")
 def test_activation_offloading_without_a_gpu_is_refused_before_the_model_loads(tiny_dir, scenes, tmp_path, capsys):
     assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes),
                  "--output_dir", str(tmp_path / "run"), "--activation_offloading", "true"]) != 0
