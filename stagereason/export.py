@@ -154,7 +154,12 @@ def run_export(cfg: ExportConfig) -> dict:
     processor = AutoProcessor.from_pretrained(run)
     with atomic_dir(cfg.out, force=cfg.force) as tmp:
         if info["kind"] == "adapter":
-            model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)  # unquantized, always
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)  # unquantized, always
+            except OSError as err:
+                raise FileNotFoundError(f"{run} is an adapter on base model {base}, which cannot be loaded "
+                                        f"({type(err).__name__}: {str(err).splitlines()[0]}); pass the base as "
+                                        "--base") from None
             model = _load_adapter(model, run, base).eval()  # names a base/adapter mismatch
             inputs = _probe(processor, model.device)
             reference = _logits(model, inputs, dtype)

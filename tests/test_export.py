@@ -108,6 +108,31 @@ def test_refuses_to_overwrite_and_force_replaces(runs, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_an_adapter_whose_base_is_gone_is_named_and_infer_takes_the_recorded_base(tiny_dir, runs, tmp_path,
+                                                                                   capsys):
+    import shutil
+
+    from stagereason.config import parse_config
+    from stagereason.infer.run import InferConfig
+
+    # infer --adapter alone: the base the run records, not the default --model
+    (cfg,) = parse_config((InferConfig,), ["--adapter", str(runs / "lora"), "--question", "q"])
+    assert cfg.model == str(tiny_dir)
+    (cfg,) = parse_config((InferConfig,), ["--question", "q"])
+    assert cfg.model == "runs/tiny-cpu"
+    moved = tmp_path / "moved"
+    shutil.copytree(runs / "lora", moved)
+    for name, key in (("run_info.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        info = json.loads((moved / name).read_text())
+        info[key] = str(tmp_path / "gone")
+        (moved / name).write_text(json.dumps(info))
+    assert main(["export", "--adapter", str(moved), "--out", str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err
+    assert f"is an adapter on base model {tmp_path / 'gone'}, which cannot be loaded" in err and "--base" in err
+    assert "Traceback" not in err and not (tmp_path / "merged").exists()
+    assert main(["export", "--adapter", str(moved), "--base", str(tiny_dir), "--out", str(tmp_path / "merged")]) == 0
+
+
 def test_an_export_killed_midway_leaves_no_directory(runs, tmp_path):
     out = tmp_path / "merged"
     proc = subprocess.Popen([sys.executable, "-m", "stagereason.cli", "export", "--adapter", str(runs / "lora"),

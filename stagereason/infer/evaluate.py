@@ -27,6 +27,7 @@ class EvalConfig(SearchOptions):
     batch_size: int = _f(8, "Questions answered together with --search greedy (one batched generate per stage).")
     out: str = _f("runs/eval", "Where predictions.jsonl and report.json go.")
     force: bool = _f(False, "Replace an existing predictions.jsonl / report.json in --out.")
+    skip_invalid: bool = _f(False, "Drop and count invalid rows (bad JSON, roles, traces) instead of stopping.")
     progress: bool = _f(True, "Show a progress bar.")
     json: bool = _f(False, "Print the report as one JSON object.")
 
@@ -47,12 +48,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ValueError(f"--limit {cfg.limit}: must be at least 1 (leave it out to evaluate every row)")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size {cfg.batch_size}: must be at least 1")
-    check_options(cfg.search, cfg.beam_size, cfg.judge)  # before the model loads
+    check_options(cfg.search, cfg.beam_size, cfg.judge, cfg.max_stage_tokens, cfg.temperature)  # before loading
     out = Path(cfg.out)
     for name in ("report.json", "predictions.jsonl"):
         if (out / name).exists() and not cfg.force:
             raise FileExistsError(f"{out / name} exists; pass --force to replace it or choose another --out")
-    rows, _, source = load_rows(cfg.data, cfg.image_root, check_images=False)
+    rows, _, source = load_rows(cfg.data, cfg.image_root, check_images=False, skip_invalid=cfg.skip_invalid)
     rows = rows[: cfg.limit] if cfg.limit is not None else rows
     if not rows:
         raise ValueError(f"no rows in {cfg.data}")

@@ -21,7 +21,8 @@ def _f(default, help):  # noqa: A002 - argparse's word
 class SearchOptions:
     """Search options shared by ``infer`` and ``eval``."""
 
-    model: str = _f("runs/tiny-cpu", "A base model, merged export, full fine-tune dir, or the base of --adapter.")
+    model: str | None = _f(None, "A base model, merged export, full fine-tune dir, or the base of --adapter "
+                                 "(default: with --adapter, the base its run records; else runs/tiny-cpu).")
     adapter: str | None = _f(None, "A LoRA/QLoRA train run dir to load on top of --model.")
     quantization: str | None = _f(None, "4bit or 8bit to load the base quantized.")
     search: Literal["greedy", "sample", "best_of_n", "sentence", "stage"] = _f(
@@ -33,6 +34,25 @@ class SearchOptions:
     seed: int = _f(0, "Seed for sampling (same seed, same answer).")
     max_stage_tokens: int = _f(256, "Token cap per stage; a candidate that hits it is closed and marked capped.")
     temperature: float = _f(0.7, "Sampling temperature of the candidates.")
+
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = _recorded_base(self.adapter) if self.adapter else "runs/tiny-cpu"
+
+
+def _recorded_base(run: str) -> str:
+    """The base model a LoRA/QLoRA run dir records (``run_info.json``, else ``adapter_config.json``)."""
+    run_dir = Path(run)
+    for name, key in (("run_info.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            base = json.loads((run_dir / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if base:
+            return base
+    raise ValueError(f"--adapter {run} does not record its base model (no run_info.json / adapter_config.json "
+                     "naming it); pass the base as --model")
 
 
 @dataclasses.dataclass
@@ -102,7 +122,7 @@ def run_infer(cfg: InferConfig) -> dict:
     if not cfg.question.strip():
         raise ValueError("--question is empty")
     # bad options, a missing or unreadable image, or nowhere to write the page fail before the model loads
-    check_options(cfg.search, cfg.beam_size, cfg.judge)
+    check_options(cfg.search, cfg.beam_size, cfg.judge, cfg.max_stage_tokens, cfg.temperature)
     image = None if cfg.image is None else load_image(cfg.image)
     if cfg.html and Path(cfg.html).is_dir():
         raise ValueError(f"--html {cfg.html} is a folder; name the page's file, e.g. {Path(cfg.html) / 'search.html'}")

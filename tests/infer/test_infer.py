@@ -305,3 +305,29 @@ def test_a_repaired_trace_says_it_was_repaired():
         trace = _repair(broken)
         assert not trace.ok and trace.problems
         assert parse_trace(trace.render()) == trace  # still a valid trace to show
+
+
+def test_bad_stage_tokens_and_temperature_are_refused_before_the_model_loads(image, tmp_path, capsys):
+    args = ["infer", "--model", str(tmp_path / "no-model"), "--image", str(image), "--question", "How many?"]
+    for flags, said in ((["--max_stage_tokens", "0"], "--max_stage_tokens 0: must be at least 1"),
+                        (["--temperature", "0"], "--temperature 0.0: search 'stage' samples"),
+                        (["--search", "sample", "--temperature", "-1"], "--temperature -1.0: search 'sample'")):
+        assert main(args + flags) == 1
+        assert said in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--max_stage_tokens", "-1",
+                 "--out", str(tmp_path / "ev")]) == 1
+    assert "--max_stage_tokens -1" in capsys.readouterr().err
+
+
+def test_eval_skip_invalid_drops_the_rows_its_error_names(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["gen", "--out", str(data), "--n", "3", "--no_progress"]) == 0
+    with (data / "data.jsonl").open("a") as f:
+        f.write("{not json\n")
+    args = ["eval", "--model", str(tiny_dir), "--data", str(data), "--search", "greedy", "--max_stage_tokens", "4",
+            "--out", str(tmp_path / "ev"), "--no_progress", "--json"]
+    assert main(args) == 1
+    assert "line 4 is not a valid JSON object" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    assert main(args + ["--skip_invalid"]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["n"] == 3
