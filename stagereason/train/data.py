@@ -297,7 +297,10 @@ def open_image(src, max_side: int | None = None, tiles: tuple[int, int] | None =
     if isinstance(src, dict):  # HF Image feature without decoding (``name``: where it came from)
         name = src.get("name") or src.get("path") or name
     elif not isinstance(src, (Image.Image, bytes, bytearray)) and not Path(src).is_file():
-        raise FileNotFoundError(f"image {src} does not exist")
+        why = ("is a folder, not an image file" if Path(src).is_dir()
+               else "is a URL: images are read from files; download it first" if str(src).startswith(
+                   ("http://", "https://")) else "does not exist")
+        raise FileNotFoundError(f"image {src} {why}")
     try:
         raw = src if isinstance(src, Image.Image) else _open_pil(src)
         if max_side and max(raw.size) > max_side and raw.format == "JPEG":

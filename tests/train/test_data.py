@@ -202,3 +202,11 @@ def test_a_missing_local_dataset_is_named_without_asking_the_hub(tmp_path, monke
     with pytest.raises(FileNotFoundError, match="org/name: not a local file or folder, and loading it as a Hub "
                                                 r"dataset failed \(ConnectionError: offline\)"):
         load_rows("org/name")
+
+
+def test_an_image_path_that_is_a_folder_or_a_url_says_so(tmp_path):
+    for src, said in ((tmp_path, "is a folder, not an image file"),
+                      ("https://example.com/a.png", "is a URL: images are read from files"),
+                      (tmp_path / "none.png", "does not exist")):
+        with pytest.raises(FileNotFoundError, match=f"image {re.escape(str(src))} {said}"):
+            open_image(str(src))
