@@ -50,6 +50,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise ValueError(f"--batch_size {cfg.batch_size}: must be at least 1")
     check_options(cfg.search, cfg.beam_size, cfg.judge, cfg.max_stage_tokens, cfg.temperature)  # before loading
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder for predictions.jsonl and report.json")
     for name in ("report.json", "predictions.jsonl"):
         if (out / name).exists() and not cfg.force:
             raise FileExistsError(f"{out / name} exists; pass --force to replace it or choose another --out")

@@ -317,6 +317,10 @@ def test_bad_stage_tokens_and_temperature_are_refused_before_the_model_loads(ima
     assert main(["eval", "--model", str(tmp_path / "no-model"), "--max_stage_tokens", "-1",
                  "--out", str(tmp_path / "ev")]) == 1
     assert "--max_stage_tokens -1" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("mine")
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "afile")]) == 1
+    assert "--out " + str(tmp_path / "afile") + " is a file" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_eval_skip_invalid_drops_the_rows_its_error_names(tiny_dir, tmp_path, capsys):
