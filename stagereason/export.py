@@ -49,10 +49,11 @@ class ExportConfig:
 
 
 def _run_info(run: Path) -> dict:
+    from stagereason.modeling import recorded_base
+
     info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
     if (run / "adapter_config.json").is_file():
-        info.setdefault("base_model", json.loads((run / "adapter_config.json").read_text())
-                        .get("base_model_name_or_path"))
+        info["base_model"] = info.get("base_model") or recorded_base(run)
         info["kind"] = "adapter"
     elif (run / "config.json").is_file():
         info["kind"] = "full"

@@ -160,6 +160,18 @@ def _device_map(device_map, quantized: bool):
     return "auto"
 
 
+def recorded_base(run: str | Path) -> str | None:
+    """The base model a LoRA/QLoRA run dir records: ``run_info.json``'s, else ``adapter_config.json``'s."""
+    for name, key in (("run_info.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            base = json.loads((Path(run) / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if base:
+            return base
+    return None
+
+
 def _load_adapter(model, adapter: str | Path, name_or_path: str):
     from peft import PeftModel
 

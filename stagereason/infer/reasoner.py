@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import random
 import time
@@ -81,14 +80,12 @@ class Reasoner:
         ``path`` may be a base model, a merged export, a full fine-tune run dir,
         or a LoRA/QLoRA run dir alone (its recorded base is loaded under it).
         """
-        from stagereason.modeling import load_model
+        from stagereason.modeling import load_model, recorded_base
 
         run = Path(path)
         if adapter is None and (run / "adapter_config.json").is_file() and not (run / "config.json").is_file():
             # an adapter run dir: load the base it records, then the adapter
-            info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
-            base = info.get("base_model") or json.loads((run / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
+            base = recorded_base(run)
             if not base:
                 raise ValueError(f"{run} is an adapter run dir that does not record its base model; pass the base "
                                  "as the model and this dir as the adapter")

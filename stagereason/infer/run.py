@@ -35,24 +35,16 @@ class SearchOptions:
     max_stage_tokens: int = _f(256, "Token cap per stage; a candidate that hits it is closed and marked capped.")
     temperature: float = _f(0.7, "Sampling temperature of the candidates.")
 
-
     def __post_init__(self):
-        if self.model is None:
-            self.model = _recorded_base(self.adapter) if self.adapter else "runs/tiny-cpu"
+        if self.model is None and self.adapter:
+            from stagereason.modeling import recorded_base
 
-
-def _recorded_base(run: str) -> str:
-    """The base model a LoRA/QLoRA run dir records (``run_info.json``, else ``adapter_config.json``)."""
-    run_dir = Path(run)
-    for name, key in (("run_info.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        try:
-            base = json.loads((run_dir / name).read_text()).get(key)
-        except (OSError, ValueError):
-            continue
-        if base:
-            return base
-    raise ValueError(f"--adapter {run} does not record its base model (no run_info.json / adapter_config.json "
-                     "naming it); pass the base as --model")
+            self.model = recorded_base(self.adapter)
+            if not self.model:
+                raise ValueError(f"--adapter {self.adapter} does not record its base model (no run_info.json / "
+                                 "adapter_config.json naming it); pass the base as --model")
+        elif self.model is None:
+            self.model = "runs/tiny-cpu"
 
 
 @dataclasses.dataclass

@@ -127,13 +127,13 @@ def check_options(search: str, beam_size: int, judge, max_stage_tokens: int | No
                   temperature: float | None = None) -> None:
     """Raise ValueError for an unknown search or judge, a beam size below 1 where it is used, a token cap
     below 1, or a temperature at or below 0 for a search that samples."""
+    if search not in STRATEGIES:
+        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(STRATEGIES)}")
     if max_stage_tokens is not None and max_stage_tokens < 1:
         raise ValueError(f"--max_stage_tokens {max_stage_tokens}: must be at least 1")
     if temperature is not None and search != "greedy" and temperature <= 0:
         raise ValueError(f"--temperature {temperature}: search {search!r} samples its candidates and needs a "
                          "temperature above 0 (--search greedy for a deterministic answer)")
-    if search not in STRATEGIES:
-        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(STRATEGIES)}")
     if search not in ("greedy", "sample") and beam_size < 1:
         raise ValueError(f"beam_size {beam_size}: must be at least 1 for search {search!r}")
     if not callable(judge) and judge not in ("self", "loglik"):
