@@ -42,3 +42,9 @@ def test_recipe_opens_with_its_command_and_parses(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     configs = parse_config(verb.configs(), ["--config", rel], prog=f"stagereason {m.group(1)}")
     assert configs
+
+
+def test_the_eval_recipe_shows_skip_invalid(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    (cfg,) = parse_config(VERBS["eval"].configs(), ["--config", "infer/eval.yaml", "--skip_invalid"])
+    assert "skip_invalid:" in (ROOT / "infer" / "eval.yaml").read_text() and cfg.skip_invalid
