@@ -149,14 +149,14 @@ def quantization_config(config, quantization: str | None, compute_dtype: torch.d
 def _device_map(device_map, quantized: bool):
     if device_map != "auto":
         return device_map
+    if not torch.cuda.is_available():  # CPU processes (one or several) keep the weights in host memory
+        return {"": "cpu"} if quantized else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
             os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
         if sharded and not quantized:
             return None  # FSDP / ZeRO-3 place (and shard) the weights themselves
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one full copy per process (DDP, QLoRA)
-    if not torch.cuda.is_available():
-        return {"": "cpu"} if quantized else None
     return "auto"
 
 

@@ -10,6 +10,7 @@ training decodes it, and every gpt turn passes the strict stage format.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -197,16 +198,40 @@ def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list
 
 def _check_all_images(to_check: list[tuple[str, object]], report: ValidationReport, workers: int = 8,
                       load=None) -> None:
-    """Decode each ``(row, image)`` (``load(image)`` first when given) and report the ones that fail."""
+    """Decode each ``(row, image)`` (``load(image)`` first when given) and report the ones that fail.
+
+    In a distributed run (``torch.distributed`` initialised, as under ``accelerate launch``) every process
+    decodes its share of the images and all of them get every error.
+    """
     def one(src):
         return _check_image(load(src) if load else src)
 
     unique = list(dict.fromkeys(src for _, src in to_check))
+    world, rank = _processes()
+    mine = range(rank, len(unique), world)
     with ThreadPoolExecutor(workers) as pool:
-        errors = dict(zip(unique, pool.map(one, unique), strict=True))
+        errors = {i: e for i, e in zip(mine, pool.map(one, (unique[i] for i in mine)), strict=True) if e}
+    if world > 1:
+        import torch.distributed as dist
+
+        shares: list = [None] * world
+        dist.all_gather_object(shares, errors)
+        errors = {i: e for share in shares for i, e in share.items()}
+    bad = {unique[i]: e for i, e in errors.items()}
     for row, src in to_check:
-        if errors[src]:
-            report.add(row, "image", errors[src])
+        if src in bad:
+            report.add(row, "image", bad[src])
+
+
+def _processes() -> tuple[int, int]:
+    """``(world size, rank)`` of the distributed run this process belongs to; ``(1, 0)`` outside one."""
+    if "torch" not in sys.modules:  # torch.distributed can only be initialised once torch is imported
+        return 1, 0
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def check_dataset(path: str | Path, image_root: str | Path | None = None, check_images: bool = True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Prefix", "encode_prompt", "float_dtype", "generate_greedy", "user_message"]
+__all__ = ["Prefix", "encode_prompt", "float_dtype", "generate_greedy", "generate_greedy_shared", "user_message"]
 
 
 def user_message(question: str, n_images: int = 1) -> list[dict]:
@@ -22,11 +22,13 @@ def float_dtype(model) -> torch.dtype:
 
 @torch.no_grad()
 def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_tokens: int = 512,
-                    batch_size: int = 8) -> list[str]:
+                    batch_size: int = 8, synced_gpus: bool = False) -> list[str]:
     """Greedy answers for ``(images, question)`` items, batched with left padding.
 
     Args:
         items: each a list of opened images (possibly empty) and a question.
+        synced_gpus: keep stepping until every process of the run is done (sharded weights: see
+            :func:`generate_greedy_shared`).
 
     Returns:
         The decoded continuations, special tokens removed.
@@ -48,11 +50,46 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tok.pad_token_id)
+                                 pad_token_id=tok.pad_token_id, synced_gpus=synced_gpus)
             outs += tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         model.train(was_training)
     return outs
+
+
+def generate_greedy_shared(model, processor, n: int, item, *, sharded: bool, max_new_tokens: int = 512,
+                           batch_size: int = 8) -> list[str]:
+    """:func:`generate_greedy` on ``item(0) .. item(n - 1)``, the work split over the processes of a distributed run.
+
+    Every process gets all ``n`` answers, in order. Each opens only its own
+    share of the items. With ``sharded`` weights (FSDP, ZeRO-3) each forward
+    gathers them from all processes, so every process must run the same
+    forwards: the shares are made equal (the short ones padded with copies of
+    an item, whose answers are dropped) and generation keeps every process
+    stepping until the slowest is done. One process alone is plain
+    :func:`generate_greedy`.
+
+    Args:
+        item: ``i -> (images, question)``.
+        sharded: the weights are sharded over the processes.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return generate_greedy(model, processor, [item(i) for i in range(n)], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    if n == 0:
+        return []
+    per = -(-n // world)
+    mine = range(dist.get_rank() * per, min((dist.get_rank() + 1) * per, n))
+    work = [item(i) for i in mine]
+    work += [work[0] if work else item(0)] * (per - len(work))
+    texts = generate_greedy(model, processor, work, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            synced_gpus=sharded)[: len(mine)]
+    shares: list = [None] * world
+    dist.all_gather_object(shares, texts)
+    return [t for share in shares for t in share]
 
 
 def encode_prompt(model, processor, images: list, question: str):

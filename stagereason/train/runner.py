@@ -226,7 +226,7 @@ class StageSFTTrainer(SFTTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.stage_rows and self.is_world_process_zero():
+        if self.stage_rows:  # every process: the generations are split over them (and sharded weights need all)
             stage = {f"{metric_key_prefix}_{k}": v for k, v in self.stage_eval().items()}
             self.log(stage)
             metrics.update(stage)
@@ -234,12 +234,18 @@ class StageSFTTrainer(SFTTrainer):
 
     def stage_eval(self) -> dict[str, float]:
         """Generate on the held-out rows; strict stage format and ``answers_match`` against their answers."""
-        from stagereason.infer.generate import generate_greedy
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        items = [([open_image(self.image_source(s), self.max_image_side, self.image_tiles) for s in r.images],
-                  r.question) for r in self.stage_rows]
-        texts = generate_greedy(self.model, self.processing_class, items,
-                                max_new_tokens=self.stage_max_new_tokens, batch_size=16)
+        from stagereason.infer.generate import generate_greedy_shared
+
+        def item(i: int) -> tuple[list, str]:
+            row = self.stage_rows[i]
+            return [open_image(self.image_source(s), self.max_image_side, self.image_tiles) for s in row.images], \
+                row.question
+
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+        texts = generate_greedy_shared(self.model, self.processing_class, len(self.stage_rows), item,
+                                       sharded=sharded, max_new_tokens=self.stage_max_new_tokens, batch_size=16)
         fmt = right = 0
         self.stage_samples = []
         for row, text in zip(self.stage_rows, texts, strict=True):
@@ -528,14 +534,19 @@ def _peak_memory_gb() -> float:
 
 def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, summary_data: dict,
           runtime: float, first_step: int = 0) -> dict:
-    """Write the run directory; ``runtime`` and the rates cover this run's steps (after ``first_step`` if resumed)."""
+    """Write the run directory; ``runtime`` and the rates cover this run's steps (after ``first_step`` if resumed).
+
+    Every process calls it (sharded weights are gathered from all of them); one writes.
+    """
     from stagereason.config import dump_config
     from stagereason.data_gen.records import atomic_write_text
 
     out = Path(cfg.output_dir)
+    if trainer.is_fsdp_enabled:
+        # checkpoints stay sharded (fast, resumable on the same number of GPUs); the run's weights are saved whole,
+        # loadable anywhere. Under SHARDED_STATE_DICT the Trainer's save_model would write no weights at all.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
-    processor.save_pretrained(str(out))
-    dump_config((cfg,), out / "train_config.yaml")
     history = trainer.state.log_history
     # the last logged loss, else the run's mean (a run shorter than logging_steps logs no step loss)
     losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
@@ -557,6 +568,10 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
         "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
         "dataset": summary_data,
     }
+    if not trainer.args.should_save:
+        return summary
+    processor.save_pretrained(str(out))
+    dump_config((cfg,), out / "train_config.yaml")
     atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "run_info.json", json.dumps(info, indent=2) + "\n")
     if trainer.stage_samples:
@@ -687,6 +702,8 @@ def run_train(cfg: TrainConfig) -> dict:
     if cfg.dry_run:
         import yaml
 
+        if cfg.process_index != 0:  # under a launcher, one process prints
+            return setup.data
         if not cfg.json:
             print("# resolved config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         report("dataset (dry run: nothing trained)", setup.data, cfg.json)
@@ -699,6 +716,8 @@ def run_train(cfg: TrainConfig) -> dict:
     if trainer.eval_dataset is not None and cfg.eval_strategy == "no":
         trainer.evaluate()  # one evaluation at the end, stage metrics included
     summary = _save(cfg, trainer, setup.processor, setup.info, setup.data, runtime, first_step)
+    if not trainer.is_world_process_zero():  # under a launcher, one process prints
+        return summary
     if trainer.stage_samples:
         sample = trainer.stage_samples[0]
         print(f"\nheld-out example {sample['id']}: {sample['question']}\n{sample['output']}\n"

@@ -1,0 +1,91 @@
+"""train under a launcher: several processes (torchrun, CPU processes talking over gloo).
+
+GPUs are not needed to check what goes wrong between processes: which one writes the run dir, and that the
+stage-evaluation generations, split over the processes, still run when the weights are sharded (FSDP2).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagereason.cli import main
+
+WORKER = Path(__file__).with_name("shard_worker.py")
+
+
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes") / "data"
+    assert main(["gen", "--out", str(out), "--n", "24", "--no_progress"]) == 0
+    return out
+
+
+def test_generation_on_fsdp_sharded_weights_equals_the_unsharded_models(tiny_dir, tmp_path):
+    # 5 items over 2 processes: shares of 3 and 2 (padded to 3), answers of different lengths; every forward
+    # gathers the shards from both processes, so both must step together to the end
+    out = tmp_path / "shared.json"
+    res = _torchrun(WORKER, tiny_dir, out, 5, 1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["sharded_class"].startswith("FSDP")
+    assert len(set(got["lengths"])) > 1  # the processes do finish at different steps
+    assert got["shared"] == got["reference"]
+
+
+def test_two_processes_train_and_one_writes_the_run_dir(tiny_dir, scenes, tmp_path):
+    out = tmp_path / "run"
+    res = _torchrun("-m", "stagereason.cli", "train", "--model_name_or_path", tiny_dir, "--dataset", scenes,
+                    "--output_dir", out, "--peft", "lora", "--use_cpu", "true", "--max_steps", "2",
+                    "--per_device_train_batch_size", "2", "--eval_split", "5", "--stage_eval_samples", "5",
+                    "--stage_eval_max_new_tokens", "8", "--dataloader_num_workers", "0", "--logging_steps", "1",
+                    "--save_steps", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("trained: ") == 1 and res.stdout.count("held-out example") == 1
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["dataset"]["estimated_steps"] == 2
+    assert summary["samples_per_s"] == pytest.approx(2 * 2 * 2 / summary["train_runtime_s"], rel=0.02)
+    # the 5 held-out rows were split 3 + 2 over the processes and gathered back, in order, once
+    assert summary["eval"]["samples"] == 5
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and len({s["id"] for s in samples}) == 5
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_each_process_decodes_a_share_of_the_images_and_all_hear_of_a_bad_one(scenes, tiny_dir, tmp_path):
+    images = sorted(str(p) for p in (scenes / "images").iterdir())[:7]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    images[1] = str(broken)
+    res = _torchrun(WORKER, "images", tmp_path / "seen", *images)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"seen{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(seen[0]["decoded"] + seen[1]["decoded"]) == sorted(images)  # each image once, by one process
+    assert str(broken) in seen[1]["decoded"] and seen[0]["problems"] == seen[1]["problems"] == ["row1"]
+    # through the train verb: both processes stop before any model loads, naming the row
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in (scenes / "data.jsonl").read_text().splitlines()]
+    (data / "images").mkdir()
+    for r in rows:
+        (data / r["image"]).write_bytes((scenes / r["image"]).read_bytes())
+    (data / rows[1]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # the second process's share
+    (data / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["-m", "stagereason.cli", "train", "--model_name_or_path", tiny_dir, "--dataset", data, "--use_cpu",
+            "true", "--output_dir", tmp_path / "run", "--dry_run", "--eval_split", "4"]
+    res = _torchrun(*args)
+    assert res.returncode != 0
+    # both processes stop, before any model loads, naming the row (rank 0 never decoded that image itself)
+    assert res.stderr.count(f"{rows[1]['id']}: image: image ") == 2 and "loading" not in res.stderr
+    res = _torchrun(*args, "--skip_invalid", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (printed,) = [line for line in res.stdout.splitlines() if line.startswith("{")]  # one process prints
+    assert json.loads(printed)["invalid_dropped"] == 1 and json.loads(printed)["train_rows"] == 19
