@@ -38,6 +38,10 @@ def _f(default, help):  # noqa: A002 - argparse's word
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 def _accelerator_available() -> bool:
     accel = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is the accelerator TRL uses
     return accel.is_available() if hasattr(accel, "is_available") else torch.cuda.is_available()
@@ -95,6 +99,13 @@ class TrainConfig(SFTConfig):
     def __post_init__(self):
         if self.freeze_vision_tower and self.vision_lora:
             raise ValueError("--freeze_vision_tower and --vision_lora contradict each other: choose one")
+        if self.peft != "none" and _env_true("ACCELERATE_USE_FSDP") and _env_true("FSDP_ACTIVATION_CHECKPOINTING"):
+            # FSDP's checkpoint wrappers rename the layers; PEFT then finds no adapter weight to save, and every
+            # checkpoint and the final adapter come out empty
+            raise ValueError(f"--peft {self.peft} under FSDP with fsdp_activation_checkpointing: true would save empty "
+                             "adapters (PEFT cannot find them inside FSDP's checkpoint wrappers): set "
+                             "fsdp_activation_checkpointing: false in the accelerate config and pass "
+                             "--gradient_checkpointing true (as train/accelerate/fsdp.yaml and the recipes do)")
         if self.activation_offloading and not _accelerator_available():
             # TRL's offloading moves saved activations from the accelerator to host memory; with none it fails deep
             # in the trainer, after the model has loaded
@@ -547,6 +558,8 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
         # loadable anywhere. Under SHARDED_STATE_DICT the Trainer's save_model would write no weights at all.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
+    if trainer.args.should_save and cfg.peft != "none":
+        _check_adapter_saved(out)
     history = trainer.state.log_history
     # the last logged loss, else the run's mean (a run shorter than logging_steps logs no step loss)
     losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
@@ -580,6 +593,19 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
     if history:
         _plot_loss(history, out / "loss.png")
     return summary
+
+
+def _check_adapter_saved(out: Path) -> None:
+    """An adapter file without tensors is a wrapper hiding the adapter from PEFT: an error, not a finished run."""
+    from safetensors import safe_open
+
+    path = out / "adapter_model.safetensors"
+    if not path.is_file():
+        return  # saved in another format (e.g. ZeRO-3 without 16-bit weights gathered): the Trainer has said so
+    with safe_open(str(path), framework="pt") as f:
+        if not list(f.keys()):
+            raise RuntimeError(f"{path} holds no adapter weights: PEFT found none to save (a wrapper, such as FSDP's "
+                               "activation checkpointing, hides them); the training in this run is lost")
 
 
 def _load(cfg: TrainConfig, processor):
