@@ -56,6 +56,9 @@ def _run_info(run: Path) -> dict:
         info["base_model"] = info.get("base_model") or recorded_base(run)
         info["kind"] = "adapter"
     elif (run / "config.json").is_file():
+        if not info:  # a model dir, not a train run's: exporting it would label a model that was never trained here
+            raise ValueError(f"{run} is a model dir, not a stagereason train run dir (no run_info.json): export "
+                             "takes the --output_dir of `stagereason train`")
         info["kind"] = "full"
     else:
         raise FileNotFoundError(f"{run} is neither an adapter run dir (adapter_config.json) nor a model dir "

@@ -85,6 +85,9 @@ def test_bf16_export_loads_in_reasoner_and_full_finetune_converts(tiny_dir, runs
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["kind"] == "full"
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "full").dtype == torch.float16
+    # a model dir that no train run wrote (here the base itself) is not relabelled as a fine-tune
+    assert main(["export", "--adapter", str(tiny_dir), "--out", str(tmp_path / "base")]) == 1
+    assert "not a stagereason train run dir" in capsys.readouterr().err and not (tmp_path / "base").exists()
 
 
 def test_an_adapter_run_dir_alone_loads_in_the_reasoner(runs):

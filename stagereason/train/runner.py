@@ -536,11 +536,20 @@ def _plot_loss(history: list[dict], path: Path) -> None:
 
 
 def _peak_memory_gb() -> float:
+    """This process's peak (CUDA reserved, else max RSS); in a distributed run, the largest of all processes'."""
     if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    import resource
+        peak = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    else:
+        import resource
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB
+        peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        peaks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak)
+        peak = max(peaks)
+    return peak
 
 
 def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, summary_data: dict,
@@ -730,9 +739,11 @@ def run_train(cfg: TrainConfig) -> dict:
 
         if cfg.process_index != 0:  # under a launcher, one process prints
             return setup.data
-        if not cfg.json:
-            print("# resolved config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        report("dataset (dry run: nothing trained)", setup.data, cfg.json)
+        if cfg.json:  # one object: the dataset summary, and the resolved config under "config"
+            report("", {**setup.data, "config": cfg.to_dict()}, as_json=True)
+            return setup.data
+        print("# resolved config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        report("dataset (dry run: nothing trained)", setup.data)
         return setup.data
     trainer = setup.trainer
     first_step = _checkpoint_step(setup.resume)

@@ -580,7 +580,9 @@ def test_dry_run_estimates_the_steps_the_trainer_takes(tiny_dir, scenes, tmp_pat
             "--eval_split", "4", "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2",
             "--num_train_epochs", "1.1", "--max_steps", "-1"]
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["estimated_steps"] == 5
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["estimated_steps"] == 5
+    assert printed["config"]["per_device_train_batch_size"] == 3 and printed["config"]["eval_split"] == "4"
     for flags, said in ((["--eval_split", "1.5"], "--eval_split 1.5"),
                         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
                         (["--num_train_epochs", "-1"], "nothing to train"),
