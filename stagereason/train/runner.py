@@ -411,6 +411,17 @@ def _check_checkpoint_kind(ckpt: Path, peft: str) -> None:
     """A checkpoint must hold what this run trains: an adapter for LoRA/QLoRA, full weights for --peft none."""
     adapter = (ckpt / "adapter_config.json").is_file()
     full = (ckpt / "model.safetensors").is_file() or (ckpt / "model.safetensors.index.json").is_file()
+    sharded = ckpt / "pytorch_model_fsdp_0"  # an FSDP checkpoint: its index names the weights it holds
+    if sharded.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            names = list(FileSystemReader(str(sharded)).read_metadata().state_dict_metadata)
+        except Exception as err:  # noqa: BLE001 - any unreadable index: the checkpoint is not usable
+            raise ValueError(f"--resume_from_checkpoint {ckpt}: its FSDP weights in {sharded.name} cannot be read "
+                             f"({type(err).__name__}: {err})") from None
+        adapter = adapter or any(".lora_" in n for n in names)
+        full = full or (bool(names) and not adapter)
     if peft == "none" and adapter:
         raise ValueError(f"--resume_from_checkpoint {ckpt} holds a LoRA adapter, and this run is --peft none (full "
                          "fine-tuning): resume with the run's own --peft, or start afresh in another --output_dir")

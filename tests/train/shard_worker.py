@@ -9,6 +9,7 @@ loads, and writes per process which images it decoded and which rows it reports.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -27,6 +28,14 @@ def item(i: int):
     return [Image.new("RGB", (48 + 8 * i, 40), COLOURS[i % len(COLOURS)])], f"Question {i}: what colour is it?"
 
 
+def _leave() -> None:
+    """Wait for the other process, then exit at once: an interpreter tearing down gloo's threads now and then
+    aborts ("terminate called without an active exception") after all the work is done."""
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def check_images(out: str, images: list[str]) -> None:
     from stagereason.data_gen.validate import ValidationReport, _check_all_images
 
@@ -40,7 +49,7 @@ def check_images(out: str, images: list[str]) -> None:
     _check_all_images([(f"row{i}", p) for i, p in enumerate(images)], report, load=load)
     with open(f"{out}{dist.get_rank()}.json", "w") as f:
         json.dump({"decoded": decoded, "problems": sorted(report.problems)}, f)
-    dist.destroy_process_group()
+    _leave()
 
 
 def main() -> None:
@@ -67,7 +76,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"reference": reference, "shared": shared, "lengths": lengths,
                        "sharded_class": type(model).__name__}, f)
-    dist.destroy_process_group()
+    _leave()
 
 
 if __name__ == "__main__":

@@ -131,6 +131,12 @@ def test_fsdp_saves_whole_weights_and_resumes_from_its_sharded_checkpoints(tiny_
 
         _, info = AutoModelForImageTextToText.from_pretrained(first, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
+    # a sharded checkpoint of the other kind is named before anything loads
+    from stagereason.train.runner import _check_checkpoint_kind
+
+    other = "none" if peft == "lora" else "lora"
+    with pytest.raises(ValueError, match=f"and this run is --peft {other}"):
+        _check_checkpoint_kind(first / "checkpoint-2", other)
     # killed after checkpoint-2: the resumed run takes the same steps 3 and 4 and ends with the same weights
     shutil.copytree(first, resumed)
     shutil.rmtree(resumed / "checkpoint-4")
