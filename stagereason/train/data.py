@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import re
 from pathlib import Path
@@ -278,6 +279,41 @@ def fit_tiles(im, tile: int, most: int):
     if scale >= 1:
         return im
     return im.resize((max(1, int(w * scale)), max(1, int(h * scale))))
+
+
+def _thumbnail_size(w: int, h: int, side: int) -> tuple[int, int]:
+    """The size PIL's ``thumbnail((side, side))`` gives a ``w`` x ``h`` image (same rounding)."""
+    aspect = w / h
+
+    def nearest(number: float, key) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    if aspect <= 1:
+        return nearest(side * aspect, key=lambda n: abs(aspect - n / side)), side
+    return side, nearest(side / aspect, key=lambda n: 0 if n == 0 else abs(aspect - side / n))
+
+
+def image_size(src, max_side: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` of the image :func:`open_image` gives for ``src``, from its header (nothing decoded).
+
+    Raises:
+        Whatever opening ``src`` raises (validation has named bad images before this is asked).
+    """
+    from PIL import ExifTags, Image
+
+    im = src if isinstance(src, Image.Image) else _open_pil(src)
+    w, h = im.size
+    try:
+        turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn: sides swap
+    except Exception:  # noqa: BLE001 - unreadable EXIF: shown as stored, as _to_rgb does
+        turned = False
+    if im is not src:
+        im.close()
+    if turned:
+        w, h = h, w
+    if max_side and max(w, h) > max_side:
+        w, h = _thumbnail_size(w, h, max_side)
+    return w, h
 
 
 def open_image(src, max_side: int | None = None, tiles: tuple[int, int] | None = None):

@@ -471,6 +471,34 @@ def _token_lengths(rows: list[Row], processor, template: str, report, skip_inval
     return kept
 
 
+def _add_image_tokens(rows: list[Row], processor, source, max_side: int, workers: int = 8) -> None:
+    """Add to each row's token count the tokens its images expand to (LLaVA-NeXT, Qwen-VL: hundreds or thousands
+    per image, from the image's size); Mllama's processor keeps one token per image, counted already.
+
+    Sizes come from the image headers, as the collator will size the images (EXIF turns, ``max_side``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stagereason.train.data import image_size
+
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    refs = list(dict.fromkeys(ref for r in rows for ref in r.images))
+    if count is None or not refs:
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        sizes = dict(zip(refs, pool.map(lambda ref: image_size(source(ref) if source else ref, max_side), refs),
+                         strict=True))
+    try:
+        tokens = count(image_sizes=[(h, w) for w, h in sizes.values()]).num_image_tokens
+    except Exception as err:  # noqa: BLE001 - a processor whose count needs more than sizes: text tokens only
+        logger.warning("token lengths leave out the image tokens (%s cannot count them: %s); max_length compares "
+                       "text tokens only", type(processor).__name__, err)
+        return
+    per_image = dict(zip(sizes, tokens, strict=True))
+    for r in rows:
+        r.n_tokens += sum(per_image[ref] - 1 for ref in r.images)  # the placeholder itself is counted already
+
+
 def _dataset_summary(rows: list[Row], kept: list[Row], eval_rows: list[Row], report, cfg: TrainConfig) -> dict:
     lens = np.array([r.n_tokens for r in rows]) if rows else np.array([0])
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -683,6 +711,10 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     processor = AutoProcessor.from_pretrained(cfg.model_name_or_path)
     template = training_chat_template(processor, model_config.model_type, cfg.chat_template_path)
     rendered = {id(r) for r in _token_lengths(train_rows + eval_rows, processor, template, rep, cfg.skip_invalid)}
+    tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
+    most = getattr(processor.image_processor, "max_image_tiles", None)
+    max_side = cfg.max_image_side or tile * (most or 4)
+    _add_image_tokens([r for r in train_rows + eval_rows if id(r) in rendered], processor, source, max_side)
     train_rows = [r for r in train_rows if id(r) in rendered]
     eval_rows = [r for r in eval_rows if id(r) in rendered]
     limit = cfg.max_length or 10**9
@@ -697,9 +729,6 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
     model, processor = _load(cfg, processor)  # the processor loaded above for the token counts
-    tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
-    most = getattr(processor.image_processor, "max_image_tiles", None)
-    max_side = cfg.max_image_side or tile * (most or 4)
     # fewer tiles than the model takes: shrink images to fit them (the model still pads to its own count)
     tiles = (tile, cfg.max_image_tiles) if cfg.max_image_tiles and most and cfg.max_image_tiles < most else None
     collator = StageCollator(processor, template, max_side, getattr(model_config.get_text_config(), "vocab_size",

@@ -1,0 +1,144 @@
+"""train on a VLM other than Mllama: a tiny LLaVA-NeXT, whose processor turns each image placeholder into many
+tokens (their number depends on the image's size). Labels, token lengths and training must hold there too."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from stagereason.cli import main
+from stagereason.train.collate import StageCollator
+from stagereason.train.data import load_rows
+from stagereason.train.runner import _add_image_tokens, _token_lengths
+from stagereason.train.templates import training_chat_template
+
+from .tiny_llava_next import build_tiny_llava_next
+
+MAX_SIDE = 2240  # what train gives a processor without tiles (560 x 4)
+SIZES = [(128, 128), (200, 90), (90, 200), (300, 300), (2500, 700), (57, 333)]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return build_tiny_llava_next(tmp_path_factory.mktemp("llava") / "model")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """12 staged rows (from `stagereason gen`) whose images have other sizes and shapes; one is a JPEG that
+    EXIF turns a quarter (stored 160 x 60, shown 60 x 160)."""
+    root = tmp_path_factory.mktemp("llava-data")
+    assert main(["gen", "--out", str(root / "gen"), "--n", "12", "--no_progress"]) == 0
+    rows = [json.loads(line) for line in (root / "gen/data.jsonl").read_text().splitlines()]
+    (root / "images").mkdir()
+    for i, r in enumerate(rows):
+        im = Image.open(root / "gen" / r["image"]).convert("RGB")
+        if i == len(SIZES):
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            im.resize((160, 60)).save(root / f"images/{i}.jpg", exif=exif)
+            r["image"] = f"images/{i}.jpg"
+        else:
+            im.resize(SIZES[i % len(SIZES)]).save(root / f"images/{i}.png")
+            r["image"] = f"images/{i}.png"
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _text_positions(processor, messages):
+    """Assistant tokens of the rendered text: from the end of each turn's prompt to its end-of-turn token (the
+    template writes a space after it, which belongs to no one's answer)."""
+    def ids(msgs, gen):
+        text = processor.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+        return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos = processor.tokenizer.eos_token_id
+    positions = []
+    for j, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start, turn = len(ids(messages[:j], True)), ids(messages[: j + 1], False)
+            end = max(k for k in range(start, len(turn)) if turn[k] == eos) + 1
+            positions += range(start, end)
+    return positions
+
+
+def test_token_lengths_count_the_tokens_images_expand_to(llava, data):
+    processor = AutoProcessor.from_pretrained(llava)
+    template = training_chat_template(processor, "llava_next")
+    rows, report, source = load_rows(str(data / "data.jsonl"))
+    _token_lengths(rows, processor, template, report, False)
+    text_only = [r.n_tokens for r in rows]
+    _add_image_tokens(rows, processor, source, MAX_SIDE)
+    collator = StageCollator(processor, template, MAX_SIDE, source=source)
+    real = [int(collator([{"messages": r.messages, "images": r.images}])["attention_mask"].sum()) for r in rows]
+    assert [r.n_tokens for r in rows] == real
+    assert all(n > t + 30 for n, t in zip(real, text_only, strict=True))  # the images are most of each row
+    assert len(set(n - t for n, t in zip(real, text_only, strict=True))) > 3  # and their size sets how much
+
+
+def test_rows_over_max_length_only_with_their_image_tokens_are_dropped(llava, data, capsys):
+    processor = AutoProcessor.from_pretrained(llava)
+    template = training_chat_template(processor, "llava_next")
+    rows, report, source = load_rows(str(data / "data.jsonl"))
+    text = [r.n_tokens for r in _token_lengths(rows, processor, template, report, False)]
+    collator = StageCollator(processor, template, MAX_SIDE, source=source)
+    real = [int(collator([{"messages": r.messages, "images": r.images}])["attention_mask"].sum()) for r in rows]
+    limit = sorted(real)[len(real) // 2]
+    assert sum(n > limit for n in real) > sum(n > limit for n in text)  # text lengths alone would keep more
+    args = ["train", "--model_name_or_path", str(llava), "--dataset", str(data / "data.jsonl"), "--dry_run",
+            "--json", "--eval_split", "none", "--output_dir", str(data / "run"), "--max_length", str(limit)]
+    assert main(args) == 0
+    cut = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cut["too_long_dropped"] == sum(n > limit for n in real) and cut["tokens_max"] == max(real)
+
+
+def test_label_positions_are_exactly_the_assistant_tokens(llava, data):
+    processor = AutoProcessor.from_pretrained(llava)
+    template = training_chat_template(processor, "llava_next")
+    rows, _, source = load_rows(str(data / "data.jsonl"))
+    multi_turn = {"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<SUMMARY> a </SUMMARY>"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<CONCLUSION> 4 </CONCLUSION>"}]}],
+        "images": rows[1].images}
+    two_images = {"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "no"}]}], "images": rows[2].images + rows[4].images}
+    text_only = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]}], "images": []}
+    examples = [{"messages": rows[0].messages, "images": rows[0].images}, multi_turn, two_images, text_only]
+    batch = StageCollator(processor, template, MAX_SIDE, source=source)(examples)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    eos = processor.tokenizer.eos_token_id
+    for i, ex in enumerate(examples):
+        # every image sits in the first turn: the assistant tokens move by what the images expanded to
+        shift = int((batch["input_ids"][i] == image_id).sum()) - len(ex["images"])
+        want = [p + shift for p in _text_positions(processor, ex["messages"])]
+        got = (batch["labels"][i] != -100).nonzero().flatten().tolist()
+        assert got == want, i
+        assert torch.equal(batch["labels"][i][got], batch["input_ids"][i][got])
+        assert batch["input_ids"][i][got[-1]] == eos  # the model learns to stop
+
+
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_llava_next_trains_and_evaluates(llava, data, tmp_path, peft):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(["train", "--model_name_or_path", str(llava), "--dataset", str(data / "data.jsonl"),
+                 "--output_dir", str(out), "--peft", peft, "--max_steps", "2", "--per_device_train_batch_size",
+                 "2", "--eval_split", "3", "--stage_eval_samples", "3", "--stage_eval_max_new_tokens", "8",
+                 "--dataloader_num_workers", "0", "--json"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval"]["samples"] == 3 and summary["eval_loss"] is not None
+    if peft == "lora":  # the text decoder's projections, nothing of the vision tower
+        saved = load_file(out / "adapter_model.safetensors")
+        assert saved and all("language_model" in k for k in saved)
+        assert {k.split(".")[-3] for k in saved} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"}
+    else:
+        assert json.loads((out / "run_info.json").read_text())["model_type"] == "llava_next"
