@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -110,7 +111,11 @@ def non_quantized_modules(config) -> list[str]:
     short names would quantize the vision tower and ``lm_head`` anyway.
     """
     cls = _model_class(config)
-    with torch.device("meta"):
+    try:  # under DeepSpeed ZeRO-3, _from_config would partition (and initialize) the meta model: it cannot
+        from transformers.modeling_utils import set_zero3_state as outside_zero3
+    except ImportError:  # an older transformers: no such context
+        outside_zero3 = contextlib.nullcontext
+    with torch.device("meta"), outside_zero3():
         model = cls._from_config(config)
     keep = []
     for name, _ in model.named_modules():
@@ -149,13 +154,13 @@ def quantization_config(config, quantization: str | None, compute_dtype: torch.d
 def _device_map(device_map, quantized: bool):
     if device_map != "auto":
         return device_map
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None  # ZeRO-3 places (and partitions) the weights itself, quantized ones too; it refuses a map
     if not torch.cuda.is_available():  # CPU processes (one or several) keep the weights in host memory
         return {"": "cpu"} if quantized else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
-            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-        if sharded and not quantized:
-            return None  # FSDP / ZeRO-3 place (and shard) the weights themselves
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not quantized:
+            return None  # FSDP places (and shards) the weights itself
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one full copy per process (DDP, QLoRA)
     return "auto"
 

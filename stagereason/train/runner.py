@@ -407,6 +407,19 @@ def _prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
     return resume, False
 
 
+def _deepspeed_trained_names(ckpt: Path) -> list[str]:
+    """The trained parameters a DeepSpeed checkpoint holds, from its small per-rank model-states file."""
+    states = sorted((ckpt / (ckpt / "latest").read_text().strip()).glob("*model_states.pt"))
+    if not states:
+        return []
+    try:  # DeepSpeed's own pickle (config, shapes), which resuming loads the same way
+        shapes = torch.load(states[0], map_location="cpu", weights_only=False).get("param_shapes") or []
+    except Exception as err:  # noqa: BLE001 - any unreadable file: the checkpoint is not usable
+        raise ValueError(f"--resume_from_checkpoint {ckpt}: {states[0].name} cannot be read "
+                         f"({type(err).__name__}: {err})") from None
+    return [name for group in (shapes if isinstance(shapes, list) else [shapes]) for name in group]
+
+
 def _check_checkpoint_kind(ckpt: Path, peft: str) -> None:
     """A checkpoint must hold what this run trains: an adapter for LoRA/QLoRA, full weights for --peft none."""
     adapter = (ckpt / "adapter_config.json").is_file()
@@ -422,6 +435,10 @@ def _check_checkpoint_kind(ckpt: Path, peft: str) -> None:
                              f"({type(err).__name__}: {err})") from None
         adapter = adapter or any(".lora_" in n for n in names)
         full = full or (bool(names) and not adapter)
+    elif not (adapter or full) and (ckpt / "latest").is_file():  # DeepSpeed's own checkpoint, weights partitioned
+        names = _deepspeed_trained_names(ckpt)
+        adapter = any(".lora_" in n for n in names)
+        full = bool(names) and not adapter
     if peft == "none" and adapter:
         raise ValueError(f"--resume_from_checkpoint {ckpt} holds a LoRA adapter, and this run is --peft none (full "
                          "fine-tuning): resume with the run's own --peft, or start afresh in another --output_dir")
@@ -605,6 +622,11 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
         # checkpoints stay sharded (fast, resumable on the same number of GPUs); the run's weights are saved whole,
         # loadable anywhere. Under SHARDED_STATE_DICT the Trainer's save_model would write no weights at all.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    elif trainer.is_deepspeed_enabled and trainer.deepspeed is not None \
+            and trainer.deepspeed.zero_optimization_partition_weights():
+        # the same under ZeRO-3: without stage3_gather_16bit_weights_on_model_save the Trainer's save_model
+        # writes only DeepSpeed's own partitioned checkpoint (weights no loader reads) into the run dir
+        trainer.deepspeed._config.zero_config.gather_16bit_weights_on_model_save = True
     trainer.save_model(str(out))
     if trainer.args.should_save and cfg.peft != "none":
         _check_adapter_saved(out)

@@ -1,8 +1,8 @@
 """train under a launcher: several processes (torchrun or accelerate launch; CPU processes talking over gloo).
 
 GPUs are not needed to check what goes wrong between processes: which one writes the run dir, that the
-stage-evaluation generations, split over the processes, still run when the weights are sharded (FSDP2), and
-that an FSDP run saves its weights whole and resumes from its sharded checkpoints.
+stage-evaluation generations, split over the processes, still run when the weights are sharded (FSDP2, ZeRO-3),
+and that FSDP and ZeRO-3 runs save their weights whole and resume from their sharded checkpoints.
 """
 
 import json
@@ -17,7 +17,7 @@ import torch
 from stagereason.cli import main
 
 WORKER = Path(__file__).with_name("shard_worker.py")
-FSDP_CPU = Path(__file__).with_name("fsdp_cpu.py")
+ACCELERATE_CPU = Path(__file__).with_name("accelerate_cpu.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -96,10 +96,9 @@ def test_each_process_decodes_a_share_of_the_images_and_all_hear_of_a_bad_one(sc
     assert json.loads(printed)["invalid_dropped"] == 1 and json.loads(printed)["train_rows"] == 19
 
 
-def _fsdp_train(*args, timeout=400):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "train/accelerate/fsdp.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0", str(FSDP_CPU), "train",
-           *map(str, args)]
+def _launch(config, *args, timeout=400):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "0", str(ACCELERATE_CPU), "train", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -108,39 +107,64 @@ def _losses(run):
     return [(h["step"], h["loss"]) for h in history if "loss" in h]
 
 
-@pytest.mark.parametrize("peft,weights", [("lora", "adapter_model.safetensors"), ("none", "model.safetensors")])
-def test_fsdp_saves_whole_weights_and_resumes_from_its_sharded_checkpoints(tiny_dir, scenes, tmp_path, peft,
-                                                                          weights):
-    # the project's own train/accelerate/fsdp.yaml; FSDP2 over two CPU processes
+def _launch_config(name: str, tmp_path: Path) -> Path:
+    """The project's own accelerate config; ``zero3-nosave``: ZeRO-3 told not to gather the weights at a save."""
+    if name == "fsdp":
+        return ROOT / "train/accelerate/fsdp.yaml"
+    pytest.importorskip("deepspeed")
+    config = ROOT / "train/accelerate/deepspeed_zero3.yaml"
+    if name == "zero3-nosave":
+        text = config.read_text()
+        assert "zero3_save_16bit_model: true" in text
+        config = tmp_path / "nosave.yaml"
+        config.write_text(text.replace("zero3_save_16bit_model: true", "zero3_save_16bit_model: false"))
+    return config
+
+
+@pytest.mark.parametrize("launcher,peft", [("fsdp", "lora"), ("fsdp", "none"), ("zero3", "qlora"),
+                                           ("zero3-nosave", "none")])
+def test_sharded_runs_save_whole_weights_and_resume_from_their_sharded_checkpoints(tiny_dir, scenes, tmp_path,
+                                                                                   launcher, peft):
+    # FSDP2 and DeepSpeed ZeRO-3 over two CPU processes, from the project's own accelerate configs. ZeRO-3 without
+    # weight gathering at saves used to leave no loadable weights in the run dir; QLoRA under ZeRO-3 failed to load.
     from safetensors.torch import load_file
 
+    config = _launch_config(launcher, tmp_path)
+    weights = "model.safetensors" if peft == "none" else "adapter_model.safetensors"
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     args = ["--model_name_or_path", tiny_dir, "--dataset", scenes, "--peft", peft, "--max_steps", "4",
             "--per_device_train_batch_size", "2", "--eval_split", "4", "--stage_eval_samples", "3",
             "--stage_eval_max_new_tokens", "8", "--logging_steps", "1", "--save_steps", "2",
             "--gradient_checkpointing", "true", "--learning_rate", "1e-2", "--dataloader_num_workers", "0"]
-    res = _fsdp_train(*args, "--output_dir", first)
+    res = _launch(config, *args, "--output_dir", first)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (first / "checkpoint-2/pytorch_model_fsdp_0").is_dir()  # sharded checkpoints: it did run under FSDP
+    # sharded checkpoints: it did run sharded
+    sharded = "pytorch_model_fsdp_0" if launcher == "fsdp" else "global_step2"
+    assert (first / "checkpoint-2" / sharded).is_dir()
+    assert not (first / "global_step4").exists()  # the run dir holds the whole weights, not DeepSpeed's partitions
     saved = load_file(first / weights)
-    if peft == "lora":  # every adapted projection's A and B, trained
+    if peft != "none":  # every adapted projection's A and B, trained
         assert len(saved) > 0 and all(".lora_A." in k or ".lora_B." in k for k in saved)
         assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)
-    else:  # the whole model, under the names from_pretrained loads
+        assert json.loads((first / "run_info.json").read_text())["quantization"] == \
+            ("4bit-nf4" if peft == "qlora" else None)
+    else:  # the whole model, under the names from_pretrained loads, trained
         from transformers import AutoModelForImageTextToText
 
-        _, info = AutoModelForImageTextToText.from_pretrained(first, output_loading_info=True)
+        model, info = AutoModelForImageTextToText.from_pretrained(first, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
+        base = AutoModelForImageTextToText.from_pretrained(tiny_dir).state_dict()
+        assert any(not torch.equal(v, base[k]) for k, v in model.state_dict().items())
     # a sharded checkpoint of the other kind is named before anything loads
     from stagereason.train.runner import _check_checkpoint_kind
 
-    other = "none" if peft == "lora" else "lora"
+    other = "none" if peft != "none" else "lora"
     with pytest.raises(ValueError, match=f"and this run is --peft {other}"):
         _check_checkpoint_kind(first / "checkpoint-2", other)
     # killed after checkpoint-2: the resumed run takes the same steps 3 and 4 and ends with the same weights
     shutil.copytree(first, resumed)
     shutil.rmtree(resumed / "checkpoint-4")
-    res = _fsdp_train(*args, "--output_dir", resumed, "--resume_from_checkpoint", "auto")
+    res = _launch(config, *args, "--output_dir", resumed, "--resume_from_checkpoint", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((resumed / "train_summary.json").read_text())["resumed_from_step"] == 2
     assert _losses(resumed) == _losses(first)
