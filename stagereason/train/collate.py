@@ -34,6 +34,7 @@ class StageCollator:
     assistant_only: bool = True
     source: object = None  # an ImageSource resolving image references (default: references are paths)
     tiles: tuple[int, int] | None = None  # (tile size, most tiles per image): see data.fit_tiles
+    stop_ids: tuple[int, ...] = ()  # end-of-turn tokens besides the tokenizer's eos (the model's generation eos)
 
     def __post_init__(self):
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -42,6 +43,8 @@ class StageCollator:
         self._plain = DataCollatorForVisionLanguageModeling(assistant_only_loss=False, **kwargs)
         self._masked = DataCollatorForVisionLanguageModeling(assistant_only_loss=self.assistant_only, **kwargs)
         self._fast = self.assistant_only  # off once offsets and ids disagree: this processor expands tokens
+        eos = self.processor.tokenizer.eos_token_id
+        self._stops = torch.tensor(sorted({*self.stop_ids, *([eos] if eos is not None else [])}), dtype=torch.long)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         resolve = self.source or (lambda ref: ref)
@@ -57,6 +60,8 @@ class StageCollator:
                 out["labels"][~mask] = -100
         else:
             out = self._masked(batch)
+        if self.assistant_only and len(self._stops):
+            _end_at_stop(out["labels"], out["input_ids"], self._stops)
         if self.vocab_size is not None:
             out["labels"][out["labels"] >= self.vocab_size] = -100
         return out
@@ -81,3 +86,30 @@ class StageCollator:
                 row |= (starts >= lo) & (starts < hi)
             mask[i, :n] = torch.from_numpy(row)
         return mask
+
+
+def _end_at_stop(labels: torch.Tensor, input_ids: torch.Tensor, stops: torch.Tensor) -> None:
+    """End each run of labelled tokens at its last end-of-turn token, in place.
+
+    Some training templates (TRL's Gemma 3 and Qwen-VL ones) mark the separator written after the end-of-turn
+    token too ("<end_of_turn>\\n"): the model never generates it (generation stops at the end-of-turn token), so
+    it is not the assistant's text. A run with no end-of-turn token in it is left as it is.
+    """
+    labelled = labels != -100
+    is_stop = torch.isin(input_ids, stops) & labelled
+    for i in torch.nonzero(labelled.any(1)).flatten().tolist():
+        row = labelled[i].tolist()
+        stop = is_stop[i].tolist()
+        j, n = 0, len(row)
+        while j < n:
+            if not row[j]:
+                j += 1
+                continue
+            k, last = j, None
+            while k < n and row[k]:
+                if stop[k]:
+                    last = k
+                k += 1
+            if last is not None and last + 1 < k:
+                labels[i, last + 1:k] = -100
+            j = k

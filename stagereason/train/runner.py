@@ -488,11 +488,14 @@ def _token_lengths(rows: list[Row], processor, template: str, report, skip_inval
     return kept
 
 
-def _add_image_tokens(rows: list[Row], processor, source, max_side: int, workers: int = 8) -> None:
+def _add_image_tokens(rows: list[Row], processor, source, max_side: int, template: str | None = None,
+                      workers: int = 8) -> None:
     """Add to each row's token count the tokens its images expand to (LLaVA-NeXT, Qwen-VL: hundreds or thousands
     per image, from the image's size); Mllama's processor keeps one token per image, counted already.
 
-    Sizes come from the image headers, as the collator will size the images (EXIF turns, ``max_side``).
+    Sizes come from the image headers, as the collator will size the images (EXIF turns, ``max_side``). The
+    processor's count is of image tokens only; what it writes around each image (Gemma 3: begin/end-of-image
+    tokens and blank lines) is measured once, on one row with one image run through the processor.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -502,9 +505,9 @@ def _add_image_tokens(rows: list[Row], processor, source, max_side: int, workers
     refs = list(dict.fromkeys(ref for r in rows for ref in r.images))
     if count is None or not refs:
         return
+    resolve = source or (lambda ref: ref)
     with ThreadPoolExecutor(workers) as pool:
-        sizes = dict(zip(refs, pool.map(lambda ref: image_size(source(ref) if source else ref, max_side), refs),
-                         strict=True))
+        sizes = dict(zip(refs, pool.map(lambda ref: image_size(resolve(ref), max_side), refs), strict=True))
     try:
         tokens = count(image_sizes=[(h, w) for w, h in sizes.values()]).num_image_tokens
     except Exception as err:  # noqa: BLE001 - a processor whose count needs more than sizes: text tokens only
@@ -512,8 +515,15 @@ def _add_image_tokens(rows: list[Row], processor, source, max_side: int, workers
                        "text tokens only", type(processor).__name__, err)
         return
     per_image = dict(zip(sizes, tokens, strict=True))
-    for r in rows:
-        r.n_tokens += sum(per_image[ref] - 1 for ref in r.images)  # the placeholder itself is counted already
+    around = 0
+    probe = next((r for r in rows if len(r.images) == 1), None)
+    if probe is not None and template is not None:
+        text = processor.apply_chat_template(probe.messages, tokenize=False, chat_template=template)
+        image = open_image(resolve(probe.images[0]), max_side)
+        real = len(processor(text=[text], images=[image], add_special_tokens=False)["input_ids"][0])
+        around = real - (probe.n_tokens + per_image[probe.images[0]] - 1)
+    for r in rows:  # the placeholder itself is counted already
+        r.n_tokens += sum(per_image[ref] - 1 + around for ref in r.images)
 
 
 def _dataset_summary(rows: list[Row], kept: list[Row], eval_rows: list[Row], report, cfg: TrainConfig) -> dict:
@@ -589,6 +599,12 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _eos_ids(model) -> tuple[int, ...]:
+    """The tokens that end a generated turn, from the model's generation config."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return tuple(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
 def _peak_memory_gb() -> float:
@@ -736,7 +752,8 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
     most = getattr(processor.image_processor, "max_image_tiles", None)
     max_side = cfg.max_image_side or tile * (most or 4)
-    _add_image_tokens([r for r in train_rows + eval_rows if id(r) in rendered], processor, source, max_side)
+    _add_image_tokens([r for r in train_rows + eval_rows if id(r) in rendered], processor, source, max_side,
+                      template)
     train_rows = [r for r in train_rows if id(r) in rendered]
     eval_rows = [r for r in eval_rows if id(r) in rendered]
     limit = cfg.max_length or 10**9
@@ -755,7 +772,8 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     tiles = (tile, cfg.max_image_tiles) if cfg.max_image_tiles and most and cfg.max_image_tiles < most else None
     collator = StageCollator(processor, template, max_side, getattr(model_config.get_text_config(), "vocab_size",
                                                                     None),
-                             assistant_only=cfg.assistant_only_loss, source=source, tiles=tiles)
+                             assistant_only=cfg.assistant_only_loss, source=source, tiles=tiles,
+                             stop_ids=_eos_ids(model))
     user_assistant_only = cfg.assistant_only_loss
     cfg.assistant_only_loss = False  # our collator masks; TRL must not swap in its own template
     try:

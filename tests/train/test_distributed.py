@@ -121,7 +121,7 @@ def _launch_config(name: str, tmp_path: Path) -> Path:
     return config
 
 
-@pytest.mark.parametrize("launcher,peft", [("fsdp", "lora"), ("fsdp", "none"), ("zero3", "qlora"),
+@pytest.mark.parametrize("launcher,peft", [("fsdp", "lora"), ("fsdp", "qlora"), ("fsdp", "none"), ("zero3", "qlora"),
                                            ("zero3-nosave", "none")])
 def test_sharded_runs_save_whole_weights_and_resume_from_their_sharded_checkpoints(tiny_dir, scenes, tmp_path,
                                                                                    launcher, peft):

@@ -1,19 +1,22 @@
-"""train on a VLM other than Mllama: a tiny LLaVA-NeXT, whose processor turns each image placeholder into many
-tokens (their number depends on the image's size). Labels, token lengths and training must hold there too."""
+"""train on VLMs other than Mllama, built tiny in code: LLaVA-NeXT, whose processor turns each image placeholder
+into many tokens (their number depends on the image's size), and Gemma 3 (a fixed run of image tokens between
+begin/end-of-image tokens, token types that training needs). Labels, token lengths and training must hold there
+too."""
 
 import json
 
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from stagereason.cli import main
 from stagereason.train.collate import StageCollator
 from stagereason.train.data import load_rows
-from stagereason.train.runner import _add_image_tokens, _token_lengths
+from stagereason.train.runner import _add_image_tokens, _eos_ids, _token_lengths
 from stagereason.train.templates import training_chat_template
 
+from .tiny_gemma3 import build_tiny_gemma3
 from .tiny_llava_next import build_tiny_llava_next
 
 MAX_SIDE = 2240  # what train gives a processor without tiles (560 x 4)
@@ -23,6 +26,18 @@ SIZES = [(128, 128), (200, 90), (90, 200), (300, 300), (2500, 700), (57, 333)]
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     return build_tiny_llava_next(tmp_path_factory.mktemp("llava") / "model")
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "model")
+
+
+@pytest.fixture(params=["llava_next", "gemma3"])
+def vlm(request):
+    """(model dir, model type) of each tiny VLM."""
+    name = request.param
+    return request.getfixturevalue("llava" if name == "llava_next" else name), name
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +62,13 @@ def data(tmp_path_factory):
     return root
 
 
-def _text_positions(processor, messages):
-    """Assistant tokens of the rendered text: from the end of each turn's prompt to its end-of-turn token (the
-    template writes a space after it, which belongs to no one's answer)."""
+def _text_positions(processor, messages, eos):
+    """Assistant tokens of the rendered text: from the end of each turn's prompt to its end-of-turn token ``eos``
+    (the templates write a space or newline after it, which belongs to no one's answer)."""
     def ids(msgs, gen):
         text = processor.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
         return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    eos = processor.tokenizer.eos_token_id
     positions = []
     for j, m in enumerate(messages):
         if m["role"] == "assistant":
@@ -64,18 +78,22 @@ def _text_positions(processor, messages):
     return positions
 
 
-def test_token_lengths_count_the_tokens_images_expand_to(llava, data):
-    processor = AutoProcessor.from_pretrained(llava)
-    template = training_chat_template(processor, "llava_next")
+def test_token_lengths_count_the_tokens_images_expand_to(vlm, data):
+    model, model_type = vlm
+    processor = AutoProcessor.from_pretrained(model)
+    template = training_chat_template(processor, model_type)
     rows, report, source = load_rows(str(data / "data.jsonl"))
     _token_lengths(rows, processor, template, report, False)
     text_only = [r.n_tokens for r in rows]
-    _add_image_tokens(rows, processor, source, MAX_SIDE)
+    _add_image_tokens(rows, processor, source, MAX_SIDE, template)
     collator = StageCollator(processor, template, MAX_SIDE, source=source)
     real = [int(collator([{"messages": r.messages, "images": r.images}])["attention_mask"].sum()) for r in rows]
     assert [r.n_tokens for r in rows] == real
-    assert all(n > t + 30 for n, t in zip(real, text_only, strict=True))  # the images are most of each row
-    assert len(set(n - t for n, t in zip(real, text_only, strict=True))) > 3  # and their size sets how much
+    if model_type == "llava_next":
+        assert all(n > t + 30 for n, t in zip(real, text_only, strict=True))  # the images are most of each row
+        assert len(set(n - t for n, t in zip(real, text_only, strict=True))) > 3  # and their size sets how much
+    else:  # 4 image tokens between begin/end-of-image tokens and blank lines, whatever the size
+        assert len({n - t for n, t in zip(real, text_only, strict=True)}) == 1 and real[0] > text_only[0] + 4
 
 
 def test_rows_over_max_length_only_with_their_image_tokens_are_dropped(llava, data, capsys):
@@ -94,9 +112,10 @@ def test_rows_over_max_length_only_with_their_image_tokens_are_dropped(llava, da
     assert cut["too_long_dropped"] == sum(n > limit for n in real) and cut["tokens_max"] == max(real)
 
 
-def test_label_positions_are_exactly_the_assistant_tokens(llava, data):
-    processor = AutoProcessor.from_pretrained(llava)
-    template = training_chat_template(processor, "llava_next")
+def test_label_positions_are_exactly_the_assistant_tokens(vlm, data):
+    model, model_type = vlm
+    processor = AutoProcessor.from_pretrained(model)
+    template = training_chat_template(processor, model_type)
     rows, _, source = load_rows(str(data / "data.jsonl"))
     multi_turn = {"messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
@@ -111,25 +130,35 @@ def test_label_positions_are_exactly_the_assistant_tokens(llava, data):
         {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "4"}]}], "images": []}
     examples = [{"messages": rows[0].messages, "images": rows[0].images}, multi_turn, two_images, text_only]
-    batch = StageCollator(processor, template, MAX_SIDE, source=source)(examples)
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    eos = processor.tokenizer.eos_token_id
+    stops = _eos_ids(AutoModelForImageTextToText.from_pretrained(model))  # as train passes them
+    batch = StageCollator(processor, template, MAX_SIDE, source=source, stop_ids=stops)(examples)
+    eos = processor.tokenizer.convert_tokens_to_ids("<end_of_turn>" if model_type == "gemma3" else "</s>")
     for i, ex in enumerate(examples):
         # every image sits in the first turn: the assistant tokens move by what the images expanded to
-        shift = int((batch["input_ids"][i] == image_id).sum()) - len(ex["images"])
-        want = [p + shift for p in _text_positions(processor, ex["messages"])]
+        text = processor.apply_chat_template(ex["messages"], tokenize=False)
+        shift = int(batch["attention_mask"][i].sum()) - len(processor.tokenizer(text, add_special_tokens=False)
+                                                            ["input_ids"])
+        assert shift > 0 or not ex["images"]
+        want = [p + shift for p in _text_positions(processor, ex["messages"], eos)]
         got = (batch["labels"][i] != -100).nonzero().flatten().tolist()
         assert got == want, i
         assert torch.equal(batch["labels"][i][got], batch["input_ids"][i][got])
         assert batch["input_ids"][i][got[-1]] == eos  # the model learns to stop
 
 
+    if model_type == "gemma3":  # images attend both ways in training: their tokens are typed, nothing else
+        image_id = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+        assert torch.equal(batch["token_type_ids"], (batch["input_ids"] == image_id).long())
+        assert int(batch["token_type_ids"].sum()) == 4 * 4  # 4 tokens for each of the 4 images
+
+
 @pytest.mark.parametrize("peft", ["lora", "none"])
-def test_llava_next_trains_and_evaluates(llava, data, tmp_path, peft):
+def test_other_vlms_train_and_evaluate(vlm, data, tmp_path, peft):
     from safetensors.torch import load_file
 
+    model, model_type = vlm
     out = tmp_path / "run"
-    assert main(["train", "--model_name_or_path", str(llava), "--dataset", str(data / "data.jsonl"),
+    assert main(["train", "--model_name_or_path", str(model), "--dataset", str(data / "data.jsonl"),
                  "--output_dir", str(out), "--peft", peft, "--max_steps", "2", "--per_device_train_batch_size",
                  "2", "--eval_split", "3", "--stage_eval_samples", "3", "--stage_eval_max_new_tokens", "8",
                  "--dataloader_num_workers", "0", "--json"]) == 0
@@ -141,4 +170,4 @@ def test_llava_next_trains_and_evaluates(llava, data, tmp_path, peft):
         assert {k.split(".")[-3] for k in saved} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                      "up_proj", "down_proj"}
     else:
-        assert json.loads((out / "run_info.json").read_text())["model_type"] == "llava_next"
+        assert json.loads((out / "run_info.json").read_text())["model_type"] == model_type

@@ -3,13 +3,13 @@ placeholder into many tokens (from the image's size), unlike Mllama's one token 
 
 from pathlib import Path
 
+from .tiny_vlm_parts import tiny_tokenizer
+
 PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
 
 
 def build_tiny_llava_next(out: Path) -> Path:
     import torch
-    import trl
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -17,22 +17,11 @@ def build_tiny_llava_next(out: Path) -> Path:
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
         LlavaNextProcessor,
-        PreTrainedTokenizerFast,
     )
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    corpus = ["<SUMMARY> I will count the red objects. </SUMMARY> <CAPTION> The image shows a red circle. "
-              "</CAPTION> <REASONING> one red circle. </REASONING> <CONCLUSION> 1 </CONCLUSION> How many? [INST]"]
-    tok.train_from_iterator(corpus * 50, trainers.BpeTrainer(vocab_size=len(alphabet) + 200,
-                                                             initial_alphabet=alphabet, show_progress=False))
-    tok.add_special_tokens(["<s>", "</s>", "<pad>", "<image>"])
-    # the model's own chat template, as TRL ships it (TRL also ships its training variant, with generation marks)
-    template = (Path(trl.__file__).parent / "chat_templates/llava_next.jinja").read_text(encoding="utf-8")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        chat_template=template, model_max_length=4096)
+    tokenizer = tiny_tokenizer("llava_next", ["<s>", "</s>", "<pad>", "<image>"], words="[INST]", bos_token="<s>",
+                               eos_token="</s>", pad_token="<pad>")
+    template = tokenizer.chat_template
     images = LlavaNextImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
                                         image_grid_pinpoints=PINPOINTS)
     processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
