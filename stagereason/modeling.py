@@ -260,6 +260,43 @@ def load_model(
         name_or_path, dtype=torch_dtype, attn_implementation=attn,
         quantization_config=quant, device_map=_device_map(device_map, quant is not None),
     )
+    if config.model_type == "mllama":
+        skip_cross_attention_without_image(model)
     if adapter is not None:
         model = _load_adapter(model, adapter, name_or_path)
     return model, processor
+
+
+def skip_cross_attention_without_image(model) -> int:
+    """Make Mllama's cross-attention layers leave a row without an image as they leave a text-only prompt.
+
+    A text-only prompt skips those layers. In a batch that also holds an image,
+    a row without one goes through them: its cross-attention mask is all
+    masked, which Mllama turns into attending evenly to the padded image's
+    states, and only the feed-forward half is masked out, so the gated
+    attention half changes that row (logits off by 2.8 in a tiny model with
+    the gates at 0.7). Here the attention half is zeroed for such rows, so the
+    layer returns the row unchanged, exactly as skipping it; rows with an image
+    are untouched. Returns the number of layers hooked.
+    """
+    from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+
+    def remember(layer, args, kwargs):
+        mask = kwargs.get("full_text_row_masked_out_mask")  # [B, 1, T, 1]: 1 where a token sees an image
+        layer.cross_attn._rows_with_image = None if mask is None else \
+            mask.flatten(1).amax(1).view(-1, 1, 1)
+
+    def zero_rows(attn, args, output):
+        rows = getattr(attn, "_rows_with_image", None)
+        if rows is None:
+            return output
+        return (output[0] * rows.to(output[0].dtype), *output[1:])
+
+    hooked = 0
+    for layer in model.modules():
+        if isinstance(layer, MllamaCrossAttentionDecoderLayer) and not getattr(layer, "_skips_imageless", False):
+            layer.register_forward_pre_hook(remember, with_kwargs=True)
+            layer.cross_attn.register_forward_hook(zero_rows)
+            layer._skips_imageless = True
+            hooked += 1
+    return hooked

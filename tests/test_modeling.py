@@ -94,3 +94,38 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_dir, tmp_path):
 def test_adapter_dir_without_adapter_config(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_model(tiny_dir, adapter=tmp_path)
+
+
+def test_a_row_without_an_image_is_computed_alike_alone_and_beside_an_image(tiny_dir):
+    # Mllama sends a row without an image through the cross-attention layers when the batch holds an image; with
+    # trained (non-zero) gates that changed the row (a text-only prompt alone skips those layers)
+    from PIL import Image
+
+    from stagereason.infer.generate import generate_greedy
+    from stagereason.modeling import load_model, skip_cross_attention_without_image
+
+    model, proc = load_model(tiny_dir, dtype="fp32")
+    model.eval()
+    for name, p in model.named_parameters():
+        if "cross_attn_attn_gate" in name or "cross_attn_mlp_gate" in name:
+            p.data.fill_(0.7)
+    assert skip_cross_attention_without_image(model) == 0  # load_model hooked every layer already, once
+
+    def enc(rows):
+        texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * bool(im) + [
+            {"type": "text", "text": q}]}], add_generation_prompt=True) for im, q in rows]
+        images = [[im] if im else [] for im, _ in rows]
+        return proc(images=images if any(images) else None, text=texts, padding=True, padding_side="right",
+                    add_special_tokens=False, return_tensors="pt")
+
+    image = Image.new("RGB", (64, 64), "red")
+    text_row, image_row = (None, "How many circles are there?"), (image, "What colour is it?")
+    with torch.no_grad():
+        alone = model(**enc([text_row])).logits[0]
+        mixed = model(**enc([text_row, image_row])).logits
+        image_alone = model(**enc([image_row])).logits[0]
+    assert torch.equal(mixed[0, : len(alone)], alone)
+    assert torch.allclose(mixed[1, : len(image_alone)], image_alone, atol=1e-4)  # image rows as before
+    q = text_row[1]
+    assert generate_greedy(model, proc, [([], q)], max_new_tokens=12) == \
+        generate_greedy(model, proc, [([], q), ([image], "What colour?")], max_new_tokens=12)[:1]

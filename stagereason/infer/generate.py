@@ -28,7 +28,8 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
     Args:
         items: each a list of opened images (possibly empty) and a question.
         synced_gpus: keep stepping until every process of the run is done (sharded weights: see
-            :func:`generate_greedy_shared`).
+            :func:`generate_greedy_shared`); a batch without images then gets a filler item with one (every
+            process must run the vision tower alike), whose answer is dropped.
 
     Returns:
         The decoded continuations, special tokens removed.
@@ -41,6 +42,11 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
+            keep = len(chunk)
+            if synced_gpus and not any(imgs for imgs, _ in chunk):
+                from stagereason.train.collate import filler_row
+
+                chunk = [*chunk, (filler_row()["images"], ".")]
             texts = [processor.apply_chat_template(user_message(q, len(imgs)), add_generation_prompt=True)
                      for imgs, q in chunk]
             images = [imgs for imgs, _ in chunk]
@@ -51,7 +57,7 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
                 inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tok.pad_token_id, synced_gpus=synced_gpus)
-            outs += tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            outs += tok.batch_decode(out[:keep, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         model.train(was_training)
     return outs

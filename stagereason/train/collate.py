@@ -9,7 +9,24 @@ import torch
 
 from stagereason.train.data import open_image
 
-__all__ = ["StageCollator"]
+__all__ = ["StageCollator", "filler_row"]
+
+
+def filler_row() -> dict:
+    """A row with one small blank image and no answer, added to a batch that has no image in a run of several
+    processes.
+
+    Under FSDP and ZeRO-3 every process must run the same modules in the same order (each forward gathers the
+    weights from all of them), and DDP without ``find_unused_parameters`` waits for every weight's gradient: a
+    process whose batch had no image skipped the vision tower (and Mllama's cross-attention layers) while the
+    others ran them, and the run crashed or hung. Its labels are all -100, so the loss is unchanged; Mllama's
+    rows without an image ignore the image of another row (see ``modeling.skip_cross_attention_without_image``).
+    """
+    from PIL import Image
+
+    from stagereason.infer.generate import user_message
+
+    return {"messages": user_message(".", 1), "images": [Image.new("RGB", (32, 32), "white")]}
 
 
 @dataclasses.dataclass
@@ -35,6 +52,8 @@ class StageCollator:
     source: object = None  # an ImageSource resolving image references (default: references are paths)
     tiles: tuple[int, int] | None = None  # (tile size, most tiles per image): see data.fit_tiles
     stop_ids: tuple[int, ...] = ()  # end-of-turn tokens besides the tokenizer's eos (the model's generation eos)
+    # several processes: a batch without images gets a filler row with one (see filler_row); its labels are -100
+    vision_every_batch: bool = False
 
     def __post_init__(self):
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -50,6 +69,10 @@ class StageCollator:
         resolve = self.source or (lambda ref: ref)
         batch = [{"messages": ex["messages"], "images": [open_image(resolve(s), self.max_image_side, self.tiles)
                                                          for s in ex["images"]]} for ex in examples]
+        filler = self.vision_every_batch and not any(ex["images"] for ex in examples)
+        if filler:
+            examples = [*examples, filler_row()]
+            batch.append({"messages": examples[-1]["messages"], "images": examples[-1]["images"]})
         if self._fast:
             out = self._plain(batch)
             mask = self._assistant_mask(examples, out["input_ids"], out["attention_mask"])
@@ -64,6 +87,8 @@ class StageCollator:
             _end_at_stop(out["labels"], out["input_ids"], self._stops)
         if self.vocab_size is not None:
             out["labels"][out["labels"] >= self.vocab_size] = -100
+        if filler:
+            out["labels"][-1] = -100
         return out
 
     def _assistant_mask(self, examples, input_ids, attention_mask) -> torch.Tensor | None:

@@ -773,7 +773,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     collator = StageCollator(processor, template, max_side, getattr(model_config.get_text_config(), "vocab_size",
                                                                     None),
                              assistant_only=cfg.assistant_only_loss, source=source, tiles=tiles,
-                             stop_ids=_eos_ids(model))
+                             stop_ids=_eos_ids(model), vision_every_batch=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     user_assistant_only = cfg.assistant_only_loss
     cfg.assistant_only_loss = False  # our collator masks; TRL must not swap in its own template
     try:

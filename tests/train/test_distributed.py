@@ -6,7 +6,9 @@ and that FSDP and ZeRO-3 runs save their weights whole and resume from their sha
 """
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +23,21 @@ ACCELERATE_CPU = Path(__file__).with_name("accelerate_cpu.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _run(cmd: list, timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher; on timeout (a hang) kill it with all its workers, not the launcher alone."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torchrun(*args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return _run(cmd, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +113,7 @@ def test_each_process_decodes_a_share_of_the_images_and_all_hear_of_a_bad_one(sc
 def _launch(config, *args, timeout=400):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
            "--mixed_precision", "no", "--main_process_port", "0", str(ACCELERATE_CPU), "train", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return _run(cmd, timeout)
 
 
 def _losses(run):
@@ -180,3 +194,44 @@ def test_lora_under_fsdps_own_activation_checkpointing_is_refused(tiny_dir, scen
             str(tmp_path / "run"), "--dry_run"]
     assert main(args + ["--peft", "lora"]) == 2
     assert "fsdp_activation_checkpointing: false" in capsys.readouterr().err
+
+
+def _with_text_only_rows(scenes: Path, out: Path) -> tuple[Path, Path]:
+    """Training rows alternating with and without an image, and an eval file whose first half has images and
+    second half none (so one process's share of the held-out generations has images, the other's none)."""
+    rows = [json.loads(line) for line in (scenes / "data.jsonl").read_text().splitlines()]
+    out.mkdir()
+    shutil.copytree(scenes / "images", out / "images")
+
+    def text_only(r):
+        turns = [dict(t, value=t["value"].replace("<image>", "").strip()) for t in r["conversations"]]
+        return {**{k: v for k, v in r.items() if k != "image"}, "id": r["id"] + "-text", "conversations": turns}
+
+    train = [x for r in rows[:16] for x in (r, text_only(r))]
+    (out / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    held = rows[16:18] + [text_only(r) for r in rows[18:20]]
+    (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    return out / "data.jsonl", out / "eval.jsonl"
+
+
+@pytest.mark.parametrize("launcher", ["fsdp", "zero3", "ddp-strict"])
+def test_a_process_whose_batch_has_no_image_steps_with_the_others(tiny_dir, scenes, tmp_path, launcher):
+    # a batch without an image skipped the vision tower and Mllama's cross-attention layers on its process only:
+    # FSDP and ZeRO-3 crashed on mismatched collectives, DDP without find_unused_parameters hung; the held-out
+    # generations crashed the same way under FSDP and ZeRO-3 (their first half has images, their second none)
+    data, held = _with_text_only_rows(scenes, tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", tiny_dir, "--dataset", data, "--eval_split", held, "--output_dir", out,
+            "--max_steps", "6", "--per_device_train_batch_size", "1", "--stage_eval_samples", "4",
+            "--stage_eval_max_new_tokens", "4", "--logging_steps", "1", "--gradient_checkpointing", "true",
+            "--dataloader_num_workers", "0", "--save_strategy", "no"]
+    if launcher == "ddp-strict":
+        res = _torchrun("-m", "stagereason.cli", "train", *args, "--peft", "none", "--use_cpu", "true",
+                        "--ddp_find_unused_parameters", "false", timeout=240)
+    else:
+        res = _launch(_launch_config(launcher, tmp_path), *args, "--peft", "lora", timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["eval"]["samples"] == 4
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["id"].endswith("-text") for s in samples] == [False, False, True, True]

@@ -171,3 +171,28 @@ def test_other_vlms_train_and_evaluate(vlm, data, tmp_path, peft):
                                                      "up_proj", "down_proj"}
     else:
         assert json.loads((out / "run_info.json").read_text())["model_type"] == model_type
+
+
+@pytest.mark.parametrize("name", ["mllama", "llava_next", "gemma3"])
+def test_the_filler_image_row_leaves_the_loss_unchanged(name, tiny_dir, llava, gemma3):
+    # several processes: a batch without images gets a filler row with one, so that every process runs the vision
+    # tower; it must not change the loss (its labels are -100, and Mllama's imageless rows ignore its image)
+    from stagereason.modeling import load_model
+
+    path = {"mllama": tiny_dir, "llava_next": llava, "gemma3": gemma3}[name]
+    model, processor = load_model(path, dtype="fp32")
+    model.eval()
+    for p_name, p in model.named_parameters():  # trained gates, as in the real model (the tiny one starts at 0)
+        if "cross_attn_attn_gate" in p_name or "cross_attn_mlp_gate" in p_name:
+            p.data.fill_(0.7)
+    template = training_chat_template(processor, name)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": q}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": a}]}], "images": []}
+            for q, a in [("2+2?", "<CONCLUSION> 4 </CONCLUSION>"), ("How many red circles?", "one red circle")]]
+    plain = StageCollator(processor, template)(rows)
+    filled = StageCollator(processor, template, vision_every_batch=True)(rows)
+    assert "pixel_values" not in plain and "pixel_values" in filled and len(filled["input_ids"]) == 3
+    assert (filled["labels"][2] == -100).all()
+    with torch.no_grad():
+        want, got = model(**plain).loss, model(**filled).loss
+    assert torch.allclose(got, want, rtol=1e-5), (got, want)
