@@ -151,10 +151,21 @@ def quantization_config(config, quantization: str | None, compute_dtype: torch.d
     raise ValueError(f"unknown quantization {quantization!r}; use 4bit, 8bit or none")
 
 
+def _zero3() -> bool:
+    """DeepSpeed ZeRO-3 is on: from accelerate's launch config, or a ``--deepspeed`` config given to the Trainer."""
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return True
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
+
+
 def _device_map(device_map, quantized: bool):
     if device_map != "auto":
         return device_map
-    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _zero3() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None  # ZeRO-3 places (and partitions) the weights itself, quantized ones too; it refuses a map
     if not torch.cuda.is_available():  # CPU processes (one or several) keep the weights in host memory
         return {"": "cpu"} if quantized else None

@@ -111,8 +111,15 @@ def test_each_process_decodes_a_share_of_the_images_and_all_hear_of_a_bad_one(sc
 
 
 def _launch(config, *args, timeout=400):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", "0", str(ACCELERATE_CPU), "train", *map(str, args)]
+    """``train`` under accelerate launch with ``config``; a DeepSpeed JSON goes to the Trainer (``--deepspeed``)
+    under torchrun instead."""
+    if str(config).endswith(".json"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ACCELERATE_CPU), "train", *map(str, args), "--deepspeed", str(config)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               "2", "--mixed_precision", "no", "--main_process_port", "0", str(ACCELERATE_CPU), "train",
+               *map(str, args)]
     return _run(cmd, timeout)
 
 
@@ -122,10 +129,18 @@ def _losses(run):
 
 
 def _launch_config(name: str, tmp_path: Path) -> Path:
-    """The project's own accelerate config; ``zero3-nosave``: ZeRO-3 told not to gather the weights at a save."""
+    """The project's own accelerate config; ``zero3-nosave``: ZeRO-3 told not to gather the weights at a save;
+    ``zero3-json``: the same as a DeepSpeed config file given to the Trainer."""
     if name == "fsdp":
         return ROOT / "train/accelerate/fsdp.yaml"
     pytest.importorskip("deepspeed")
+    if name == "zero3-json":
+        config = tmp_path / "ds_zero3.json"
+        config.write_text(json.dumps({
+            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}))
+        return config
     config = ROOT / "train/accelerate/deepspeed_zero3.yaml"
     if name == "zero3-nosave":
         text = config.read_text()
@@ -136,7 +151,7 @@ def _launch_config(name: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("launcher,peft", [("fsdp", "lora"), ("fsdp", "qlora"), ("fsdp", "none"), ("zero3", "qlora"),
-                                           ("zero3-nosave", "none")])
+                                           ("zero3-nosave", "none"), ("zero3-json", "qlora")])
 def test_sharded_runs_save_whole_weights_and_resume_from_their_sharded_checkpoints(tiny_dir, scenes, tmp_path,
                                                                                    launcher, peft):
     # FSDP2 and DeepSpeed ZeRO-3 over two CPU processes, from the project's own accelerate configs. ZeRO-3 without
