@@ -153,6 +153,36 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
 
+    class PhasePeaks(TrainerCallback):
+        """Peak allocated GPU memory of each part of a step (the largest over the measured steps): what stays
+        between steps (weights, optimizer states), the forward, the backward (checkpoint recomputation included),
+        the optimizer step. Where the training peak comes from, not only how high it is."""
+
+        def __init__(self):
+            self.peaks = {"between_steps": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+            self.step = 0
+
+        def _mark(self, phase):
+            if self.step > warmup:  # the measured steps only
+                self.peaks[phase] = max(self.peaks[phase], torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step += 1
+            if self.step > warmup:
+                self.peaks["between_steps"] = max(self.peaks["between_steps"], torch.cuda.memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
+
+        def forward_done(self, module, args, output):
+            if module.training:
+                self._mark("forward")
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self._mark("backward")
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self._mark("optimizer")
+
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "run"
         row_tokens = _rows(AutoProcessor.from_pretrained(model_dir), seq, (steps + warmup) * batch, data)
@@ -168,10 +198,30 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
         timer = StepTimer()
         setup.trainer.add_callback(timer)
         weights = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        phases = None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+            overall = [0.0, 0.0]  # the phase marks reset the peak counters: keep the run's own peaks beside them
+            phases = PhasePeaks()
+            setup.trainer.add_callback(phases)
+            hook = setup.trainer.model.register_forward_hook(phases.forward_done)
         t0 = time.perf_counter()
-        setup.trainer.train()
+        if phases is None:
+            setup.trainer.train()
+        else:
+            real_reset = torch.cuda.reset_peak_memory_stats
+
+            def reset_keeping_peak(*args, **kwargs):
+                overall[0] = max(overall[0], torch.cuda.max_memory_reserved() / 2**30)
+                overall[1] = max(overall[1], torch.cuda.max_memory_allocated() / 2**30)
+                real_reset(*args, **kwargs)
+
+            torch.cuda.reset_peak_memory_stats = reset_keeping_peak
+            try:
+                setup.trainer.train()
+            finally:
+                torch.cuda.reset_peak_memory_stats = real_reset
+                hook.remove()
         runtime = time.perf_counter() - t0
         model = setup.trainer.model
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -189,8 +239,9 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
     }
     if torch.cuda.is_available():
         result.update({"model_loaded_gb": round(weights, 2),
-                       "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                       "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+                       "peak_reserved_gb": round(max(overall[0], torch.cuda.max_memory_reserved() / 2**30), 2),
+                       "peak_allocated_gb": round(max(overall[1], torch.cuda.max_memory_allocated() / 2**30), 2),
+                       "phase_peak_allocated_gb": {k: round(v, 2) for k, v in phases.peaks.items()}})
     return result
 
 
