@@ -121,20 +121,13 @@ def _end_at_stop(labels: torch.Tensor, input_ids: torch.Tensor, stops: torch.Ten
     it is not the assistant's text. A run with no end-of-turn token in it is left as it is.
     """
     labelled = labels != -100
-    is_stop = torch.isin(input_ids, stops) & labelled
-    for i in torch.nonzero(labelled.any(1)).flatten().tolist():
-        row = labelled[i].tolist()
-        stop = is_stop[i].tolist()
-        j, n = 0, len(row)
-        while j < n:
-            if not row[j]:
-                j += 1
-                continue
-            k, last = j, None
-            while k < n and row[k]:
-                if stop[k]:
-                    last = k
-                k += 1
-            if last is not None and last + 1 < k:
-                labels[i, last + 1:k] = -100
-            j = k
+    if not labelled.any():
+        return
+    # number the runs over the whole batch; each run's last end-of-turn position; cut what follows it in the run
+    start = labelled & ~torch.nn.functional.pad(labelled[:, :-1], (1, 0), value=False)
+    run = torch.cumsum(start.flatten(), 0).view_as(labels)
+    pos = torch.arange(labels.numel(), device=labels.device).view_as(labels)
+    stop = torch.isin(input_ids, stops.to(input_ids.device)) & labelled
+    last = torch.full((int(run.max()) + 1,), -1, dtype=torch.long, device=labels.device)
+    last.scatter_reduce_(0, run[stop], pos[stop], reduce="amax")
+    labels[labelled & (last[run] >= 0) & (pos > last[run])] = -100

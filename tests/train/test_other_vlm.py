@@ -196,3 +196,45 @@ def test_the_filler_image_row_leaves_the_loss_unchanged(name, tiny_dir, llava, g
     with torch.no_grad():
         want, got = model(**plain).loss, model(**filled).loss
     assert torch.allclose(got, want, rtol=1e-5), (got, want)
+
+
+def _end_at_stop_reference(labels, input_ids, stops):
+    """Run by run, token by token: what follows a run's last end-of-turn token is cut."""
+    for i in range(labels.shape[0]):
+        row = (labels[i] != -100).tolist()
+        j = 0
+        while j < len(row):
+            if not row[j]:
+                j += 1
+                continue
+            k, last = j, None
+            while k < len(row) and row[k]:
+                if int(input_ids[i, k]) in stops.tolist():
+                    last = k
+                k += 1
+            if last is not None:
+                labels[i, last + 1:k] = -100
+            j = k
+
+
+def test_labelled_runs_end_at_their_last_end_of_turn_token():
+    import random
+
+    from stagereason.train.collate import _end_at_stop
+
+    # two turns: "a b <eot> \n" labelled, then a prompt, then "c <eot> \n" labelled; <eot> = 9
+    ids = torch.tensor([[5, 1, 2, 9, 7, 5, 5, 3, 9, 7, 0]])
+    labels = torch.tensor([[-100, 1, 2, 9, 7, -100, -100, 3, 9, 7, -100]])
+    _end_at_stop(labels, ids, torch.tensor([9]))
+    assert labels.tolist() == [[-100, 1, 2, 9, -100, -100, -100, 3, 9, -100, -100]]
+    rng = random.Random(0)
+    for _ in range(500):
+        b, t = rng.randint(1, 4), rng.randint(1, 30)
+        ids = torch.randint(0, 6, (b, t), generator=torch.Generator().manual_seed(rng.randint(0, 10**6)))
+        labels = ids.clone()
+        labels[torch.rand(b, t, generator=torch.Generator().manual_seed(rng.randint(0, 10**6))) < rng.random()] = -100
+        stops = torch.tensor(sorted(rng.sample(range(6), rng.randint(1, 2))))
+        got, want = labels.clone(), labels.clone()
+        _end_at_stop(got, ids, stops)
+        _end_at_stop_reference(want, ids, stops)
+        assert torch.equal(got, want)
