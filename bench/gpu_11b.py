@@ -156,22 +156,29 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
     class PhasePeaks(TrainerCallback):
         """Peak allocated GPU memory of each part of a step (the largest over the measured steps): what stays
         between steps (weights, optimizer states), the forward, the backward (checkpoint recomputation included),
-        the optimizer step. Where the training peak comes from, not only how high it is."""
+        the optimizer step. Where the training peak comes from, not only how high it is. Each phase restarts
+        the peak counters, so the run's own peaks (``overall``: reserved, allocated) are kept here too."""
 
         def __init__(self):
             self.peaks = {"between_steps": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+            self.overall = [0.0, 0.0]
             self.step = 0
+
+        def _restart(self):
+            self.overall[0] = max(self.overall[0], torch.cuda.max_memory_reserved() / 2**30)
+            self.overall[1] = max(self.overall[1], torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
 
         def _mark(self, phase):
             if self.step > warmup:  # the measured steps only
                 self.peaks[phase] = max(self.peaks[phase], torch.cuda.max_memory_allocated() / 2**30)
-            torch.cuda.reset_peak_memory_stats()
+            self._restart()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step += 1
             if self.step > warmup:
                 self.peaks["between_steps"] = max(self.peaks["between_steps"], torch.cuda.memory_allocated() / 2**30)
-            torch.cuda.reset_peak_memory_stats()
+            self._restart()
 
         def forward_done(self, module, args, output):
             if module.training:
@@ -201,26 +208,14 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
         phases = None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-            overall = [0.0, 0.0]  # the phase marks reset the peak counters: keep the run's own peaks beside them
             phases = PhasePeaks()
             setup.trainer.add_callback(phases)
             hook = setup.trainer.model.register_forward_hook(phases.forward_done)
         t0 = time.perf_counter()
-        if phases is None:
+        try:
             setup.trainer.train()
-        else:
-            real_reset = torch.cuda.reset_peak_memory_stats
-
-            def reset_keeping_peak(*args, **kwargs):
-                overall[0] = max(overall[0], torch.cuda.max_memory_reserved() / 2**30)
-                overall[1] = max(overall[1], torch.cuda.max_memory_allocated() / 2**30)
-                real_reset(*args, **kwargs)
-
-            torch.cuda.reset_peak_memory_stats = reset_keeping_peak
-            try:
-                setup.trainer.train()
-            finally:
-                torch.cuda.reset_peak_memory_stats = real_reset
+        finally:
+            if phases is not None:
                 hook.remove()
         runtime = time.perf_counter() - t0
         model = setup.trainer.model
@@ -239,8 +234,9 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
     }
     if torch.cuda.is_available():
         result.update({"model_loaded_gb": round(weights, 2),
-                       "peak_reserved_gb": round(max(overall[0], torch.cuda.max_memory_reserved() / 2**30), 2),
-                       "peak_allocated_gb": round(max(overall[1], torch.cuda.max_memory_allocated() / 2**30), 2),
+                       "peak_reserved_gb": round(max(phases.overall[0], torch.cuda.max_memory_reserved() / 2**30), 2),
+                       "peak_allocated_gb": round(max(phases.overall[1], torch.cuda.max_memory_allocated() / 2**30),
+                                                  2),
                        "phase_peak_allocated_gb": {k: round(v, 2) for k, v in phases.peaks.items()}})
     return result
 

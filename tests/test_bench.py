@@ -18,7 +18,7 @@ def _bench(*args, cwd):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_gpu_11b_build_and_infer_run_on_the_test_architecture(tmp_path):
+def test_gpu_11b_build_infer_and_train_run_on_the_test_architecture(tmp_path):
     model = tmp_path / "m"
     assert _bench(str(ROOT / "bench/gpu_11b.py"), "build", str(model), "--arch", "test", cwd=tmp_path)["arch"] == "test"
     out = _bench(str(ROOT / "bench/gpu_11b.py"), "infer", str(model), "--max_stage_tokens", "4", "--repeats", "1",
@@ -54,6 +54,7 @@ def test_gpu_11b_train_splits_the_peak_by_phase(tmp_path, monkeypatch):
     fake = types.SimpleNamespace(is_available=lambda: True, synchronize=lambda: None, memory_allocated=reading,
                                  max_memory_allocated=reading, max_memory_reserved=reading,
                                  reset_peak_memory_stats=reset)
+
     class TorchWithFakeCuda(types.ModuleType):  # the bench's own `torch`; everything but `cuda` is the real one
         cuda = fake
 
