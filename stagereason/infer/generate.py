@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Prefix", "encode_prompt", "float_dtype", "generate_greedy", "generate_greedy_shared", "user_message"]
+__all__ = ["Prefix", "encode_prompt", "filler_row", "float_dtype", "generate_greedy", "generate_greedy_shared",
+           "user_message"]
 
 
 def user_message(question: str, n_images: int = 1) -> list[dict]:
     """One user turn: the images first, then the question (the layout the training rows use)."""
     return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
+
+
+def filler_row() -> dict:
+    """A row with one small blank image and no answer, added to a batch that has no image in a run of several
+    processes.
+
+    Under FSDP and ZeRO-3 every process must run the same modules in the same order (each forward gathers the
+    weights from all of them), and DDP without ``find_unused_parameters`` waits for every weight's gradient: a
+    process whose batch had no image skipped the vision tower (and Mllama's cross-attention layers) while the
+    others ran them, and the run crashed or hung. In training its labels are all -100, so the loss is unchanged
+    (Mllama's rows without an image ignore the image of another row: ``modeling.skip_cross_attention_without_image``);
+    in generation its answer is dropped.
+    """
+    from PIL import Image
+
+    return {"messages": user_message(".", 1), "images": [Image.new("RGB", (32, 32), "white")]}
 
 
 def float_dtype(model) -> torch.dtype:
@@ -44,8 +61,6 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
             chunk = items[start:start + batch_size]
             keep = len(chunk)
             if synced_gpus and not any(imgs for imgs, _ in chunk):
-                from stagereason.train.collate import filler_row
-
                 chunk = [*chunk, (filler_row()["images"], ".")]
             texts = [processor.apply_chat_template(user_message(q, len(imgs)), add_generation_prompt=True)
                      for imgs, q in chunk]

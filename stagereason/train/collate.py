@@ -7,26 +7,10 @@ import dataclasses
 import numpy as np
 import torch
 
+from stagereason.infer.generate import filler_row
 from stagereason.train.data import open_image
 
-__all__ = ["StageCollator", "filler_row"]
-
-
-def filler_row() -> dict:
-    """A row with one small blank image and no answer, added to a batch that has no image in a run of several
-    processes.
-
-    Under FSDP and ZeRO-3 every process must run the same modules in the same order (each forward gathers the
-    weights from all of them), and DDP without ``find_unused_parameters`` waits for every weight's gradient: a
-    process whose batch had no image skipped the vision tower (and Mllama's cross-attention layers) while the
-    others ran them, and the run crashed or hung. Its labels are all -100, so the loss is unchanged; Mllama's
-    rows without an image ignore the image of another row (see ``modeling.skip_cross_attention_without_image``).
-    """
-    from PIL import Image
-
-    from stagereason.infer.generate import user_message
-
-    return {"messages": user_message(".", 1), "images": [Image.new("RGB", (32, 32), "white")]}
+__all__ = ["StageCollator"]
 
 
 @dataclasses.dataclass
