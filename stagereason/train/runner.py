@@ -409,9 +409,11 @@ def _prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
 
 def _deepspeed_trained_names(ckpt: Path) -> list[str]:
     """The trained parameters a DeepSpeed checkpoint holds, from its small per-rank model-states file."""
-    states = sorted((ckpt / (ckpt / "latest").read_text().strip()).glob("*model_states.pt"))
+    tag = (ckpt / "latest").read_text().strip()
+    states = sorted((ckpt / tag).glob("*model_states.pt"))
     if not states:
-        return []
+        raise ValueError(f"--resume_from_checkpoint {ckpt}: its 'latest' file names {tag!r}, which holds no "
+                         "DeepSpeed model states (*model_states.pt): the checkpoint is incomplete")
     try:  # DeepSpeed's own pickle (config, shapes), which resuming loads the same way
         shapes = torch.load(states[0], map_location="cpu", weights_only=False).get("param_shapes") or []
     except Exception as err:  # noqa: BLE001 - any unreadable file: the checkpoint is not usable

@@ -210,3 +210,38 @@ def test_an_image_path_that_is_a_folder_or_a_url_says_so(tmp_path):
                       (tmp_path / "none.png", "does not exist")):
         with pytest.raises(FileNotFoundError, match=f"image {re.escape(str(src))} {said}"):
             open_image(str(src))
+
+
+def test_image_size_from_the_header_equals_the_opened_image(tmp_path):
+    # token lengths of other VLMs count image tokens from these sizes: they must be what the collator will open
+    import random
+
+    from stagereason.train.data import _thumbnail_size, image_size
+
+    rng = random.Random(0)
+    for _ in range(300):  # PIL's own thumbnail rounding, on sizes of every shape
+        w, h, side = rng.randint(1, 5000), rng.randint(1, 5000), rng.randint(16, 2240)
+        im = Image.new("1", (w, h))
+        im.thumbnail((side, side))
+        assert (_thumbnail_size(w, h, side) if max(w, h) > side else (w, h)) == im.size
+    stored = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: stored 300 x 120, shown 120 x 300
+    Image.new("RGB", (300, 120), "red").save(stored, exif=exif)
+    for cap in (None, 200, 50):
+        assert image_size(str(stored), cap) == open_image(str(stored), cap).size
+    with pytest.raises(Exception):  # noqa: B017 - validation names bad images before sizes are asked
+        image_size(str(tmp_path / "missing.png"))
+
+
+def test_a_deepspeed_checkpoint_that_cannot_be_read_is_named(tmp_path):
+    from stagereason.train.runner import _check_checkpoint_kind
+
+    ckpt = tmp_path / "checkpoint-2"
+    (ckpt / "global_step2").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step2")
+    with pytest.raises(ValueError, match="names 'global_step2', which holds no DeepSpeed model states"):
+        _check_checkpoint_kind(ckpt, "lora")
+    (ckpt / "global_step2/zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="zero_pp_rank_0_mp_rank_00_model_states.pt cannot be read"):
+        _check_checkpoint_kind(ckpt, "lora")

@@ -144,8 +144,6 @@ def test_label_positions_are_exactly_the_assistant_tokens(vlm, data):
         assert got == want, i
         assert torch.equal(batch["labels"][i][got], batch["input_ids"][i][got])
         assert batch["input_ids"][i][got[-1]] == eos  # the model learns to stop
-
-
     if model_type == "gemma3":  # images attend both ways in training: their tokens are typed, nothing else
         image_id = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
         assert torch.equal(batch["token_type_ids"], (batch["input_ids"] == image_id).long())

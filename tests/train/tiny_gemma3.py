@@ -34,8 +34,8 @@ def build_tiny_gemma3(out: Path, image_tokens: int = 4) -> Path:
         eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"))
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids("<eos>"), ids("<end_of_turn>")]  # as Gemma 3 ships: a turn
-    # ends with <end_of_turn>, which is not the tokenizer's eos
+    # as Gemma 3 ships: a turn ends with <end_of_turn>, which is not the tokenizer's eos
+    model.generation_config.eos_token_id = [ids("<eos>"), ids("<end_of_turn>")]
     model.generation_config.pad_token_id = ids("<pad>")
     model.save_pretrained(out)
     processor.save_pretrained(out)
