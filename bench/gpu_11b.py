@@ -7,12 +7,14 @@ the GPU and saves it with a processor whose tokenizer (trained in code) has
 Llama-3's special-token ids. `train` runs `stagereason train` on it with
 QLoRA (nf4, LoRA r=16 on the text decoder incl. cross-attention) on rows of
 exactly the requested token length with a 4-tile image each, and reports peak
-reserved GPU memory and steady-state tokens/s. `infer` times stage beam search
+reserved GPU memory (split by phase of the step; with --memory_trace, the code
+holding it at the peak) and steady-state tokens/s. `infer` times stage beam search
 at N=2 and N=4 against plain greedy decoding of the same number of tokens.
 
     python bench/gpu_11b.py build runs/llama32v-11b-random
     python bench/gpu_11b.py train runs/llama32v-11b-random [--seq 2048 --batch 2 --lora_r 16] [--json] \
-        [--recipe train/llama32v-11b-qlora.yaml] [any `stagereason train` flag, e.g. --optim paged_adamw_8bit]
+        [--memory_trace 12] [--recipe train/llama32v-11b-qlora.yaml] [any `stagereason train` flag, e.g. \
+        --optim paged_adamw_8bit]
     python bench/gpu_11b.py infer runs/llama32v-11b-random [--max_stage_tokens 64] [--json]
 
 `--arch test` (with `build`) makes the tiny `test` architecture instead, to
@@ -35,6 +37,7 @@ from stagereason.console import report
 TRACE = ("<SUMMARY> I will count the objects and read the chart. </SUMMARY>\n\n"
          "<CAPTION> A chart with bars and a few shapes. </CAPTION>\n\n"
          "<REASONING> {reasoning} </REASONING>\n\n<CONCLUSION> 3 </CONCLUSION>")
+TRACE_ENTRIES = 2_000_000  # allocation history kept for the traced step; more and the oldest are overwritten
 FILLER = "The red circle is left of the blue square, so I count it once more. "
 
 
@@ -131,17 +134,69 @@ def _rows(processor, seq: int, n: int, data: Path) -> int:
     return length(lo)
 
 
+def _site(frames: list[dict]) -> str:
+    """Where an allocation was made: its innermost Python frame outside torch's own package (the model, PEFT,
+    bitsandbytes or TRL line that asked for it), else its innermost frame."""
+    torch_dir = str(Path(torch.__file__).parent) + "/"
+    frame = next((f for f in frames if not f["filename"].startswith(torch_dir)), frames[0] if frames else None)
+    if frame is None:
+        return "(no Python frame: autograd's backward engine)"
+    name = frame["filename"]
+    for cut in ("site-packages/", "dist-packages/", str(Path(__file__).resolve().parents[1]) + "/"):
+        name = name.split(cut, 1)[-1]
+    return f"{name}:{frame['line']} {frame['name']}"
+
+
+def peak_sites(trace: list[dict], baseline: int, top: int) -> dict:
+    """Replay one recorded step: when allocated memory peaked, and which code held it then.
+
+    ``trace`` is the GPU's history from ``torch.cuda.memory._snapshot()`` taken at the step's end, recorded
+    from its start, when ``baseline`` bytes were allocated (weights, optimizer states: allocated before, so
+    without stacks). The blocks live at the peak are summed by :func:`_site`; the largest ``top`` are listed.
+    """
+    events = [e for e in trace if e["action"] in ("alloc", "free_completed")]
+    level, peak, peak_at = baseline, baseline, -1
+    for i, event in enumerate(events):
+        level += event["size"] if event["action"] == "alloc" else -event["size"]
+        if level > peak:
+            peak, peak_at = level, i
+    held: dict[int, dict] = {}  # address -> its live allocation, at the peak
+    for event in events[:peak_at + 1]:
+        if event["action"] == "alloc":
+            held[event["addr"]] = event
+        else:
+            held.pop(event["addr"], None)
+    sites: dict[str, list[int]] = {}
+    for event in held.values():
+        bytes_blocks = sites.setdefault(_site(event.get("frames") or []), [0, 0])
+        bytes_blocks[0] += event["size"]
+        bytes_blocks[1] += 1
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])
+    new = sum(e["size"] for e in held.values())
+    return {
+        "peak_allocated_gb": round(peak / 2**30, 3), "allocated_at_step_start_gb": round(baseline / 2**30, 3),
+        "of_it_live_at_peak_gb": round((peak - new) / 2**30, 3),
+        "allocated_in_step_live_at_peak_gb": round(new / 2**30, 3),
+        "sites": [{"site": site, "gb": round(b / 2**30, 3), "blocks": n} for site, (b, n) in ranked[:top]],
+        "other_sites_gb": round(sum(b for _, (b, _) in ranked[top:]) / 2**30, 3),
+        "events": len(events), "history_full": len(trace) >= TRACE_ENTRIES,
+    }
+
+
 def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r: int, recipe: str,
-          overrides: list[str]) -> dict:
+          overrides: list[str], trace_top: int = 0) -> dict:
     """``stagereason train --config RECIPE`` on ``model_dir``: peak reserved memory and steady-state tokens/s.
 
     The recipe's settings hold except the model, data, sizes and what makes a
     short measurement (no evaluation, no checkpoints, one row batch per step);
-    ``overrides`` (``--key value`` pairs) come last.
+    ``overrides`` (``--key value`` pairs) come last. With ``trace_top`` > 0 (on a
+    GPU) one more step, untimed, records every allocation: the ``trace_top`` code
+    sites holding the most memory at that step's peak are listed.
     """
     from transformers import AutoProcessor, TrainerCallback
 
     from stagereason.config import parse_config
+    from stagereason.modeling import vision_tower
     from stagereason.train import runner
 
     class StepTimer(TrainerCallback):
@@ -155,14 +210,22 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
 
     class PhasePeaks(TrainerCallback):
         """Peak allocated GPU memory of each part of a step (the largest over the measured steps): what stays
-        between steps (weights, optimizer states), the forward, the backward (checkpoint recomputation included),
-        the optimizer step. Where the training peak comes from, not only how high it is. Each phase restarts
-        the peak counters, so the run's own peaks (``overall``: reserved, allocated) are kept here too."""
+        between steps (weights, optimizer states), the vision tower's forward, the rest of the forward (text
+        decoder and loss), the backward (checkpoint recomputation included), the optimizer step; and what is
+        still allocated when the forward ends (what the backward starts from). Where the training peak comes
+        from, not only how high it is. Each phase restarts the peak counters, so the run's own peaks
+        (``overall``: reserved, allocated) are kept here too. With ``trace_step``, that step's allocations are
+        recorded with their Python stacks (``peak_sites`` reads them)."""
 
-        def __init__(self):
-            self.peaks = {"between_steps": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        def __init__(self, trace_step: int | None = None):
+            self.peaks = {"between_steps": 0.0, "vision": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+            self.live_after_forward = 0.0
             self.overall = [0.0, 0.0]
             self.step = 0
+            self.trace_step, self.trace, self.trace_baseline = trace_step, None, 0
+
+        def _measured(self):
+            return warmup < self.step <= warmup + steps
 
         def _restart(self):
             self.overall[0] = max(self.overall[0], torch.cuda.max_memory_reserved() / 2**30)
@@ -170,25 +233,39 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
             torch.cuda.reset_peak_memory_stats()
 
         def _mark(self, phase):
-            if self.step > warmup:  # the measured steps only
+            if self._measured():
                 self.peaks[phase] = max(self.peaks[phase], torch.cuda.max_memory_allocated() / 2**30)
             self._restart()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step += 1
-            if self.step > warmup:
+            if self._measured():
                 self.peaks["between_steps"] = max(self.peaks["between_steps"], torch.cuda.memory_allocated() / 2**30)
             self._restart()
+            if self.step == self.trace_step:
+                self.trace_baseline = torch.cuda.memory_allocated()
+                torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=TRACE_ENTRIES)
+
+        def vision_done(self, module, args, output):
+            if setup.trainer.model.training:
+                self._mark("vision")
 
         def forward_done(self, module, args, output):
             if module.training:
                 self._mark("forward")
+                if self._measured():
+                    self.live_after_forward = max(self.live_after_forward, torch.cuda.memory_allocated() / 2**30)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self._mark("backward")
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             self._mark("optimizer")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.step == self.trace_step:
+                self.trace = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
 
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "run"
@@ -197,7 +274,7 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
             "--config", recipe, "--model_name_or_path", str(model_dir), "--dataset", str(data),
             "--output_dir", str(out), "--lora_r", str(lora_r), "--lora_alpha", str(2 * lora_r),
             "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
-            "--max_steps", str(steps + warmup), "--max_length", str(seq), "--eval_split", "none",
+            "--max_steps", str(steps + warmup + bool(trace_top)), "--max_length", str(seq), "--eval_split", "none",
             "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none",
             "--stage_eval_samples", "0", "--dataloader_num_workers", "2", *overrides,
         ])
@@ -208,20 +285,24 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
         phases = None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-            phases = PhasePeaks()
+            phases = PhasePeaks(trace_step=warmup + steps + 1 if trace_top else None)
             setup.trainer.add_callback(phases)
-            hook = setup.trainer.model.register_forward_hook(phases.forward_done)
+            hooks = [setup.trainer.model.register_forward_hook(phases.forward_done)]
+            tower = vision_tower(setup.trainer.model)
+            if tower is not None:
+                hooks.append(tower.register_forward_hook(phases.vision_done))
         t0 = time.perf_counter()
         try:
             setup.trainer.train()
         finally:
             if phases is not None:
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
         runtime = time.perf_counter() - t0
         model = setup.trainer.model
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         history = setup.trainer.state.log_history
-    steady = (timer.times[-1] - timer.times[warmup - 1]) / steps
+    steady = (timer.times[warmup + steps - 1] - timer.times[warmup - 1]) / steps  # a traced step is not timed
     result = {
         "recipe": recipe, "overrides": " ".join(overrides), "seq_tokens_per_row": row_tokens, "batch": batch,
         "lora_r": lora_r, "optim": cfg.optim, "checkpointing": json.dumps(cfg.gradient_checkpointing_kwargs),
@@ -237,7 +318,11 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
                        "peak_reserved_gb": round(max(phases.overall[0], torch.cuda.max_memory_reserved() / 2**30), 2),
                        "peak_allocated_gb": round(max(phases.overall[1], torch.cuda.max_memory_allocated() / 2**30),
                                                   2),
-                       "phase_peak_allocated_gb": {k: round(v, 2) for k, v in phases.peaks.items()}})
+                       "phase_peak_allocated_gb": {k: round(v, 2) for k, v in phases.peaks.items()},
+                       "live_after_forward_gb": round(phases.live_after_forward, 2)})
+        if trace_top:
+            trace = phases.trace["device_traces"][torch.cuda.current_device()]
+            result["traced_step"] = peak_sites(trace, phases.trace_baseline, trace_top)
     return result
 
 
@@ -283,6 +368,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--recipe", default="train/llama32v-11b-qlora.yaml")
+    p.add_argument("--memory_trace", type=int, default=0, metavar="TOP",
+                   help="train on a GPU: record one more step's allocations and list the TOP code sites holding the "
+                        "most memory at its peak")
     p.add_argument("--max_stage_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", action="store_true")
@@ -298,7 +386,7 @@ def main() -> None:
         result = build(args.model_dir, args.arch)
     elif args.task == "train":
         result = train(args.model_dir, args.seq, args.batch, args.steps, args.warmup, args.lora_r, args.recipe,
-                       overrides)
+                       overrides, trace_top=args.memory_trace)
     else:
         result = infer(args.model_dir, args.max_stage_tokens, args.repeats)
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -29,20 +29,27 @@ def test_gpu_11b_build_infer_and_train_run_on_the_test_architecture(tmp_path):
     assert out["measured_steps"] == 2 and out["last_loss"] is not None
 
 
-def test_gpu_11b_train_splits_the_peak_by_phase(tmp_path, monkeypatch):
-    # the GPU memory readings, faked on the CPU: each reading is a new high, so every phase of every measured step
-    # must be read, in order (forward, backward, optimizer), and the run's own peak kept across the phase resets
+def _load_gpu_bench():
     import importlib.util
-    import types
-
-    import torch
 
     spec = importlib.util.spec_from_file_location("gpu_11b", ROOT / "bench/gpu_11b.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_11b_train_splits_the_peak_by_phase_and_traces_one_more_step(tmp_path, monkeypatch):
+    # the GPU memory readings, faked on the CPU: each reading is a new high, so every phase of every measured step
+    # must be read, in order (vision tower, rest of the forward, backward, optimizer), and the run's own peak kept
+    # across the phase resets; with --memory_trace one more step is recorded, from its start to its end
+    import types
+
+    import torch
+
+    bench = _load_gpu_bench()
     model = tmp_path / "m"
     bench.build(model, "test")
-    marks, level = [], [0.0]
+    marks, level, recording, steps_seen = [], [0.0], [], []
 
     def reading():
         level[0] += 2**30
@@ -51,9 +58,16 @@ def test_gpu_11b_train_splits_the_peak_by_phase(tmp_path, monkeypatch):
     def reset():
         marks.append(level[0])
 
-    fake = types.SimpleNamespace(is_available=lambda: True, synchronize=lambda: None, memory_allocated=reading,
-                                 max_memory_allocated=reading, max_memory_reserved=reading,
-                                 reset_peak_memory_stats=reset)
+    def record(enabled="all", **kwargs):
+        recording.append((enabled, len(steps_seen)))
+
+    trace = [{"action": "alloc", "addr": 1, "size": 3 * 2**30, "frames": []}]
+    memory = types.SimpleNamespace(_record_memory_history=record,
+                                   _snapshot=lambda: {"device_traces": [trace], "segments": []})
+    fake = types.SimpleNamespace(is_available=lambda: True, synchronize=lambda: steps_seen.append(1),
+                                 memory_allocated=reading, max_memory_allocated=reading,
+                                 max_memory_reserved=reading, reset_peak_memory_stats=reset, memory=memory,
+                                 current_device=lambda: 0)
 
     class TorchWithFakeCuda(types.ModuleType):  # the bench's own `torch`; everything but `cuda` is the real one
         cuda = fake
@@ -64,12 +78,52 @@ def test_gpu_11b_train_splits_the_peak_by_phase(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "torch", TorchWithFakeCuda("torch"))
     monkeypatch.chdir(ROOT)
     out = bench.train(model, 256, 2, steps=2, warmup=1, lora_r=4, recipe="train/llama32v-11b-qlora.yaml",
-                      overrides=["--max_image_tiles", "2"])
+                      overrides=["--max_image_tiles", "2"], trace_top=5)
     phases = out["phase_peak_allocated_gb"]
-    assert list(phases) == ["between_steps", "forward", "backward", "optimizer"]
-    assert 0 < phases["between_steps"] < phases["forward"] < phases["backward"] < phases["optimizer"]
-    assert len(marks) == 1 + 3 * 4  # before training, then 4 per step: its start and each phase's end
+    assert list(phases) == ["between_steps", "vision", "forward", "backward", "optimizer"]
+    assert 0 < phases["between_steps"] < phases["vision"] < phases["forward"] < phases["backward"] \
+        < phases["optimizer"]
+    assert phases["vision"] < out["live_after_forward_gb"] < phases["backward"]
+    assert len(marks) == 1 + 4 * 5  # before training, then 5 per step (its start, each phase's end), 1 traced step
     assert out["peak_allocated_gb"] >= phases["optimizer"] and out["peak_reserved_gb"] > 0
+    # recording starts as the 4th step begins (3 step ends timed before it) and stops at its end; not timed
+    assert recording == [("all", 3), (None, 4)] and out["measured_steps"] == 2
+    traced = out["traced_step"]
+    assert traced["allocated_in_step_live_at_peak_gb"] == 3.0
+    assert traced["sites"] == [{"site": "(no Python frame: autograd's backward engine)", "gb": 3.0, "blocks": 1}]
+
+
+def test_peak_sites_names_the_code_holding_memory_at_the_peak():
+    import torch
+
+    bench = _load_gpu_bench()
+    gib = 2**30
+    in_torch = {"filename": str(Path(torch.__file__).parent / "nn/modules/linear.py"), "line": 134, "name": "forward"}
+    mllama = {"filename": "/venv/lib/python3.11/site-packages/transformers/models/mllama/modeling_mllama.py",
+              "line": 100, "name": "forward"}
+    dequant = {"filename": "/venv/lib/python3.11/site-packages/bitsandbytes/functional.py", "line": 50,
+               "name": "dequantize_4bit"}
+    trace = [
+        {"action": "segment_alloc", "addr": 0, "size": 8 * gib},  # not an allocation: ignored
+        {"action": "alloc", "addr": 1, "size": gib, "frames": [in_torch, mllama]},
+        {"action": "alloc", "addr": 2, "size": 2 * gib, "frames": [dequant, mllama]},
+        {"action": "free_requested", "addr": 2, "size": 2 * gib},  # only a request: still held
+        {"action": "alloc", "addr": 4, "size": gib // 2, "frames": [in_torch, mllama]},  # the peak: 13.5 GiB
+        {"action": "free_completed", "addr": 2, "size": 2 * gib},
+        {"action": "alloc", "addr": 2, "size": gib // 4, "frames": []},  # the address reused
+        {"action": "free_completed", "addr": 99, "size": gib},  # a block from before the step
+        {"action": "alloc", "addr": 5, "size": 2 * gib, "frames": [in_torch]},  # 12.75: under the peak
+    ]
+    out = bench.peak_sites(trace, 10 * gib, top=1)
+    assert out["peak_allocated_gb"] == 13.5 and out["allocated_at_step_start_gb"] == 10.0
+    assert out["of_it_live_at_peak_gb"] == 10.0 and out["allocated_in_step_live_at_peak_gb"] == 3.5
+    assert out["sites"] == [{"site": "bitsandbytes/functional.py:50 dequantize_4bit", "gb": 2.0, "blocks": 1}]
+    assert out["other_sites_gb"] == 1.5 and out["events"] == 7
+    out = bench.peak_sites(trace, 10 * gib, top=5)
+    assert out["sites"][1] == {"site": "transformers/models/mllama/modeling_mllama.py:100 forward", "gb": 1.5,
+                               "blocks": 2}
+    # frames only inside torch: the innermost one names the site
+    assert bench._site([in_torch]).endswith("nn/modules/linear.py:134 forward")
 
 
 def test_infer_bench_runs(tmp_path):
