@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -292,8 +293,16 @@ def skip_cross_attention_without_image(model) -> int:
     """
     from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
+    name = "full_text_row_masked_out_mask"  # [B, 1, T, 1]: 1 where a token sees an image
+    params = [p for p in inspect.signature(MllamaCrossAttentionDecoderLayer.forward).parameters if p != "self"]
+    if name not in params:
+        logger.warning("this transformers' Mllama cross-attention layer takes no %s: rows without an image beside "
+                       "rows with one are not made to skip the cross-attention layers", name)
+        return 0
+    position = params.index(name)
+
     def remember(layer, args, kwargs):
-        mask = kwargs.get("full_text_row_masked_out_mask")  # [B, 1, T, 1]: 1 where a token sees an image
+        mask = kwargs[name] if name in kwargs else args[position] if len(args) > position else None
         layer.cross_attn._rows_with_image = None if mask is None else \
             mask.flatten(1).amax(1).view(-1, 1, 1)
 

@@ -96,6 +96,38 @@ def test_adapter_dir_without_adapter_config(tiny_dir, tmp_path):
         load_model(tiny_dir, adapter=tmp_path)
 
 
+def test_the_imageless_row_hook_reads_the_row_mask_however_it_is_passed(tiny_dir, monkeypatch, caplog):
+    # the hook must find the row mask passed by keyword (as transformers does now) or by position; a layer
+    # without that parameter (another transformers) is named in a warning, not silently left unguarded
+    from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
+
+    from stagereason.modeling import load_model, skip_cross_attention_without_image
+
+    model, _ = load_model(tiny_dir, dtype="fp32")
+    layer = next(m for m in model.modules() if isinstance(m, MllamaCrossAttentionDecoderLayer))
+    layer.cross_attn_attn_gate.data.fill_(0.7)
+    layer.cross_attn_mlp_gate.data.fill_(0.7)
+    torch.manual_seed(0)
+    size = model.config.text_config.hidden_size
+    hidden, states = torch.randn(2, 5, size), torch.randn(2, 7, size)
+    cross_mask = torch.zeros(2, 1, 5, 7)
+    rows = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 5, 1)  # row 0 has no image
+    with torch.no_grad():
+        by_keyword = layer(hidden, states, cross_mask, None, full_text_row_masked_out_mask=rows)
+        by_position = layer(hidden, states, cross_mask, None, rows)
+    assert torch.equal(by_keyword, by_position)
+    assert torch.equal(by_position[0], hidden[0])  # left as if skipped
+    assert not torch.allclose(by_position[1], hidden[1])  # the image row is attended
+
+    def forward(self, hidden_states, cross_attention_states, cross_attention_mask, attention_mask, **kwargs):
+        return hidden_states
+
+    monkeypatch.setattr(MllamaCrossAttentionDecoderLayer, "forward", forward)
+    with caplog.at_level("WARNING", logger="stagereason.modeling"):
+        assert skip_cross_attention_without_image(model.__class__(model.config)) == 0
+    assert "full_text_row_masked_out_mask" in caplog.text
+
+
 def test_a_row_without_an_image_is_computed_alike_alone_and_beside_an_image(tiny_dir):
     # Mllama sends a row without an image through the cross-attention layers when the batch holds an image; with
     # trained (non-zero) gates that changed the row (a text-only prompt alone skips those layers)
