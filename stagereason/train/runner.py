@@ -209,6 +209,23 @@ class StageSFTTrainer(SFTTrainer):
         self.max_image_side, self.image_tiles = max_image_side, image_tiles
         self.image_source = image_source or (lambda ref: ref)
         self.stage_samples: list[dict] = []
+        self._seen = None  # this process's [rows, tokens] trained on in this run (filler rows left out)
+        self.eval_seconds = 0.0  # time spent in evaluations, to keep it out of the training rates
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        labels, mask = inputs.get("labels"), inputs.get("attention_mask")
+        if labels is not None:
+            real = (labels != -100).any(dim=1)  # a filler row (a launcher's batch without an image) has no label
+            tokens = (mask * real[:, None]).sum() if mask is not None else real.sum() * labels.shape[1]
+            counts = torch.stack([real.sum(), tokens]).long()  # stays on the device: no sync per step
+            self._seen = counts if self._seen is None else self._seen + counts
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def seen(self) -> tuple[int, int]:
+        """Rows and (non-padding) tokens trained on in this run, all processes together; every process calls it."""
+        counts = self._seen if self._seen is not None else torch.zeros(2, dtype=torch.long)
+        counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum")
+        return int(counts[0]), int(counts[1])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer's checkpoint loading, made strict.
@@ -236,11 +253,13 @@ class StageSFTTrainer(SFTTrainer):
                              f"{self.args.model_name_or_path}: {first}") from None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        start = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.stage_rows:  # every process: the generations are split over them (and sharded weights need all)
             stage = {f"{metric_key_prefix}_{k}": v for k, v in self.stage_eval().items()}
             self.log(stage)
             metrics.update(stage)
+        self.eval_seconds += time.perf_counter() - start
         return metrics
 
     def stage_eval(self) -> dict[str, float]:
@@ -656,17 +675,20 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
     # the last logged loss, else the run's mean (a run shorter than logging_steps logs no step loss)
     losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
     stage = [h for h in history if "eval_format_rate" in h]
-    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
-    # this run's steps only: a resumed run's time and tokens count from where it resumed
-    samples = (trainer.state.global_step - first_step) * cfg.per_device_train_batch_size \
-        * cfg.gradient_accumulation_steps * trainer.args.world_size
+    # this run's steps only (a resumed run counts from where it resumed), all processes, filler rows left out
+    samples, tokens = trainer.seen()
+    processes = trainer.args.world_size
+    kind = "cuda max reserved" if torch.cuda.is_available() else "process max RSS"
     summary = {
         "steps": trainer.state.global_step, "resumed_from_step": first_step,
         "final_train_loss": losses[-1] if losses else None,
-        "train_runtime_s": round(runtime, 2), "samples_per_s": round(samples / max(runtime, 1e-9), 3),
+        "train_runtime_s": round(runtime, 2), "eval_runtime_s": round(trainer.eval_seconds, 2),
+        "train_samples": samples, "train_tokens": tokens,
+        "samples_per_s": round(samples / max(runtime, 1e-9), 3),
         "tokens_per_s": round(tokens / max(runtime, 1e-9), 1) if tokens else None,
+        "processes": processes,
         "peak_memory_gb": _peak_memory_gb(),
-        "peak_memory_kind": "cuda max reserved" if torch.cuda.is_available() else "process max RSS",
+        "peak_memory_kind": kind if processes == 1 else f"{kind}, the largest of the {processes} processes'",
         "eval": {"format_rate": stage[-1]["eval_format_rate"], "accuracy": stage[-1]["eval_accuracy"],
                  "text_only_accuracy": stage[-1].get("eval_text_only_accuracy"),
                  "samples": len(trainer.stage_rows)} if stage else None,
@@ -802,7 +824,8 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
             "quantization": "4bit-nf4" if cfg.peft == "qlora" else None,
             "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32",
             "attention": model.config._attn_implementation, "dataset": cfg.dataset,
-            "versions": _versions(), "git_revision": _git_revision(), "resumed_from": resume}
+            "versions": _versions(), "git_revision": _git_revision(), "resumed_from": resume,
+            "processes": cfg.world_size, "distributed": str(trainer.accelerator.distributed_type.value)}
     return TrainSetup(trainer, processor, info, data, resume)
 
 
@@ -835,7 +858,8 @@ def run_train(cfg: TrainConfig) -> dict:
     first_step = _checkpoint_step(setup.resume)
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=setup.resume)
-    runtime = out.metrics.get("train_runtime", time.perf_counter() - start)  # training only, this run's part
+    # training only, this run's part: evaluations during training are left out
+    runtime = out.metrics.get("train_runtime", time.perf_counter() - start) - trainer.eval_seconds
     if trainer.eval_dataset is not None and cfg.eval_strategy == "no":
         trainer.evaluate()  # one evaluation at the end, stage metrics included
     summary = _save(cfg, trainer, setup.processor, setup.info, setup.data, runtime, first_step)

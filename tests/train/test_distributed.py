@@ -70,7 +70,10 @@ def test_two_processes_train_and_one_writes_the_run_dir(tiny_dir, scenes, tmp_pa
     assert res.stdout.count("trained: ") == 1 and res.stdout.count("held-out example") == 1
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["dataset"]["estimated_steps"] == 2
+    assert summary["train_samples"] == 2 * 2 * 2 and summary["processes"] == 2
     assert summary["samples_per_s"] == pytest.approx(2 * 2 * 2 / summary["train_runtime_s"], rel=0.02)
+    assert summary["peak_memory_kind"].endswith("the largest of the 2 processes'")
+    assert json.loads((out / "run_info.json").read_text())["processes"] == 2
     # the 5 held-out rows were split 3 + 2 over the processes and gathered back, in order, once
     assert summary["eval"]["samples"] == 5
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
@@ -248,5 +251,7 @@ def test_a_process_whose_batch_has_no_image_steps_with_the_others(tiny_dir, scen
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 6 and summary["eval"]["samples"] == 4
+    # the filler rows given to batches without an image are not counted as trained rows (or their tokens)
+    assert summary["train_samples"] == 6 * 2
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert [s["id"].endswith("-text") for s in samples] == [False, False, True, True]

@@ -5,6 +5,7 @@ Assets: the `test` tiny Mllama (conftest `tiny_dir`, built by stagereason.tiny) 
 written by `stagereason gen` (fixture `scenes` below); broken rows are written here.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -241,9 +242,12 @@ def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
     for key in ("steps", "final_train_loss", "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_gb"):
         assert summary[key] is not None, key
     assert summary["steps"] == 2 and set(summary["eval"]) >= {"format_rate", "accuracy", "text_only_accuracy"}
+    assert summary["train_samples"] == 8 and summary["processes"] == 1 and summary["eval_runtime_s"] > 0
+    assert summary["samples_per_s"] == pytest.approx(8 / summary["train_runtime_s"], rel=0.01)
     assert 0 <= summary["eval"]["text_only_accuracy"] <= 1
     info = json.loads((out / "run_info.json").read_text())
     assert info["base_model"] == str(tiny_dir) and info["peft"] == "lora" and info["precision"] == "fp32"
+    assert info["processes"] == 1 and info["distributed"] == "NO"
     assert {"torch", "transformers", "trl", "peft"} <= set(info["versions"])
     (cfg,) = parse_config((TrainConfig,), ["--config", str(out / "train_config.yaml")])  # reloadable
     assert cfg.peft == "lora" and cfg.max_steps == 2
@@ -298,6 +302,28 @@ def test_skip_invalid_and_over_long_rows_are_dropped_and_counted(tiny_dir, scene
     assert summary["train_rows"] + summary["eval_rows"] == 22
 
 
+def test_the_rates_count_the_rows_and_tokens_trained_on(tiny_dir, scenes, tmp_path):
+    # 20 training rows in micro-batches of 3, two per step: the last step holds one micro-batch of 2 rows, so
+    # steps x batch x accumulation (24) overstates what trained; the rows and tokens are counted as they train
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "lora", "--max_steps", "-1",
+                               "--num_train_epochs", "1", "--per_device_train_batch_size", "3",
+                               "--gradient_accumulation_steps", "2"))
+    setup.trainer.train()
+    assert setup.trainer.state.global_step == 4 and len(setup.trainer.train_dataset) == 20
+    logged = [h["num_tokens"] for h in setup.trainer.state.log_history if "num_tokens" in h][-1]
+    assert setup.trainer.seen() == (20, logged)  # TRL's own count of the non-padding tokens, one process
+    assert setup.trainer.eval_seconds == 0.0  # no evaluation ran during training
+    # under a launcher a batch without an image gets a filler row: trained through, but not counted
+    text_row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "How many circles?"}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": "<CONCLUSION> 2 </CONCLUSION>"}]}],
+                "images": []}
+    collator = dataclasses.replace(setup.trainer.data_collator, vision_every_batch=True)
+    alone, filled = setup.trainer.data_collator([text_row]), collator([text_row])
+    assert len(filled["input_ids"]) == 2
+    setup.trainer.training_step(setup.trainer.model, filled)
+    assert setup.trainer.seen() == (21, logged + int(alone["attention_mask"].sum()))
+
+
 def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, scenes, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "stagereason.cli", "train", "--model_name_or_path", str(tiny_dir),
@@ -316,6 +342,7 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, 
     summary = json.loads((out / "train_summary.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
     assert summary["steps"] == 40 and os.path.basename(info["resumed_from"]).startswith("checkpoint-")
+    assert summary["train_samples"] == (40 - summary["resumed_from_step"]) * 2  # this run's rows only
 
 
 def test_resuming_full_finetuning_loads_the_trained_weights_not_the_base(tiny_dir, scenes, tmp_path):
