@@ -24,7 +24,22 @@ class ConfigError(ValueError):
     """A bad config file, key, flag or value; the message names it."""
 
 
+# training options that transformers 5 / TRL 1 renamed or removed, and what to write instead
+RENAMED = {
+    "group_by_length": "--train_sampling_strategy group_by_length",
+    "evaluation_strategy": "--eval_strategy",
+    "no_cuda": "--use_cpu",
+    "per_gpu_train_batch_size": "--per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "--per_device_eval_batch_size",
+    "max_seq_length": "--max_length",
+    "include_inputs_for_metrics": "--include_for_metrics inputs",
+}
+
+
 def _suggest(name: str, known: list[str]) -> str:
+    bare = name.lstrip("-")
+    if bare in RENAMED:
+        return f" (transformers 5 / TRL 1 replaced it: use {RENAMED[bare]})"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -132,6 +132,10 @@ def test_unknown_flag_is_an_error_with_suggestion():
         parse_config((_Opts,), ["--beam_sze", "2"])
     with pytest.raises(ConfigError, match="unknown option --beam"):  # no abbreviations
         parse_config((_Opts,), ["--beam", "2"])
+    # a training option transformers 5 replaced names its replacement, not a look-alike
+    with pytest.raises(ConfigError, match=r"--group_by_length \(transformers 5 / TRL 1 replaced it: use "
+                                          r"--train_sampling_strategy group_by_length\)"):
+        parse_config((_Opts,), ["--group_by_length", "true"])
 
 
 def test_bad_value_type_exits_with_argparse_error():

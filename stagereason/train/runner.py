@@ -8,6 +8,8 @@ resumable) -> save (weights, processor, resolved config, run info,
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import json
 import logging
 import math
@@ -31,6 +33,11 @@ __all__ = ["TrainConfig", "TrainSetup", "build_trainer", "run_train", "StageSFTT
 
 logger = logging.getLogger(__name__)
 TEXT_DECODER_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+# what an evaluation logs (each as eval_<name>): the Trainer's and TRL's, and the stage-aware evaluation's
+EVAL_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "entropy", "mean_token_accuracy",
+                "num_tokens", "aux_loss"}
+STAGE_METRICS = {"format_rate", "accuracy", "text_only_accuracy"}
+REPORT_PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml", "azure_ml": "azureml-core"}
 VISION_TARGETS = r".*vision_model.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
 
 
@@ -140,8 +147,52 @@ class TrainConfig(SFTConfig):
             if getattr(self, new, None) is None and getattr(self, old) is not None:
                 setattr(self, new, getattr(self, old))
         if not torch.cuda.is_available():
+            for flag in ("bf16", "fp16"):
+                if getattr(self, flag):
+                    logger.warning("--%s is ignored: no GPU is visible, and training on the CPU runs in fp32", flag)
             self.bf16, self.fp16 = False, False  # fp32 on the CPU
+        if self.max_steps == 0:
+            self.max_steps = -1  # train by epochs (transformers trains a step at learning rate 0 when it is 0)
+        for flag, what in (("packing", "pack rows with images together"),
+                           ("padding_free", "train rows with images padding-free")):
+            if getattr(self, flag, False):
+                raise ValueError(f"--{flag}: TRL does not {what} (each row keeps its own images and image-token "
+                                 "masks); leave it off")
+        if getattr(self, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("--use_liger_kernel needs the liger-kernel package: pip install liger-kernel")
         super().__post_init__()
+        self._check_reporting()
+        self._check_best_model_metric()
+
+    def _check_reporting(self) -> None:
+        """Each ``--report_to`` integration's package is installed (else the trainer fails after the model loads)."""
+        from transformers.integrations import integration_utils
+
+        for name in self.report_to or []:
+            for check in (f"is_{name}_available", f"is_{name.replace('_ml', '')}_available",
+                          f"is_{name.replace('_', '')}_available"):
+                available = getattr(integration_utils, check, None)
+                if available is not None:
+                    if not available():
+                        raise ValueError(f"--report_to {name}: its package is not installed (pip install "
+                                         f"{REPORT_PACKAGES.get(name, name)}), or choose another (none: no logger)")
+                    break
+
+    def _check_best_model_metric(self) -> None:
+        """``--metric_for_best_model`` names a metric the evaluations log (else the first evaluation fails)."""
+        if not self.metric_for_best_model:
+            return
+        if self.load_best_model_at_end and str(self.eval_split).lower() == "none":
+            raise ValueError("--load_best_model_at_end needs held-out rows to evaluate: set --eval_split")
+        name = self.metric_for_best_model.removeprefix("eval_")
+        if name in STAGE_METRICS and self.stage_eval_samples < 1:
+            raise ValueError(f"--metric_for_best_model {self.metric_for_best_model}: the stage-aware evaluation "
+                             "that logs it is off; set --stage_eval_samples above 0, or choose eval_loss")
+        known = sorted(EVAL_METRICS | STAGE_METRICS)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if name not in known and close:
+            raise ValueError(f"--metric_for_best_model {self.metric_for_best_model}: no evaluation logs it (did you "
+                             f"mean {close[0]!r}?)")
 
     def to_dict(self) -> dict:
         # one name per checkpointing option, the one the recipes use: a saved config re-run with
@@ -682,7 +733,7 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
     summary = {
         "steps": trainer.state.global_step, "resumed_from_step": first_step,
         "final_train_loss": losses[-1] if losses else None,
-        "train_runtime_s": round(runtime, 2), "eval_runtime_s": round(trainer.eval_seconds, 2),
+        "train_runtime_s": round(runtime, 3), "eval_runtime_s": round(trainer.eval_seconds, 2),
         "train_samples": samples, "train_tokens": tokens,
         "samples_per_s": round(samples / max(runtime, 1e-9), 3),
         "tokens_per_s": round(tokens / max(runtime, 1e-9), 1) if tokens else None,
@@ -695,6 +746,9 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
         "eval_loss": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
         "dataset": summary_data,
     }
+    if cfg.load_best_model_at_end:  # the checkpoint whose weights were saved, and its metric
+        summary.update(best_model_checkpoint=trainer.state.best_model_checkpoint,
+                       best_metric=trainer.state.best_metric)
     if not trainer.args.should_save:
         return summary
     processor.save_pretrained(str(out))
@@ -838,6 +892,16 @@ def _checkpoint_step(ckpt: str | None) -> int:
         return 0
 
 
+def _last_evaluation_is_stale(trainer) -> bool:
+    """No evaluation has seen the weights the run ends with: none ran, the last one ran before the final step, or
+    the best checkpoint (``--load_best_model_at_end``) was loaded back over later weights."""
+    state = trainer.state
+    evals = [h["step"] for h in state.log_history if "eval_loss" in h]
+    best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    return not evals or evals[-1] != state.global_step or (best is not None and _checkpoint_step(best) !=
+                                                           state.global_step)
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """``stagereason train``: setup -> train (resumable) -> save a self-describing run directory."""
     from stagereason.console import report
@@ -860,8 +924,8 @@ def run_train(cfg: TrainConfig) -> dict:
     out = trainer.train(resume_from_checkpoint=setup.resume)
     # training only, this run's part: evaluations during training are left out
     runtime = out.metrics.get("train_runtime", time.perf_counter() - start) - trainer.eval_seconds
-    if trainer.eval_dataset is not None and cfg.eval_strategy == "no":
-        trainer.evaluate()  # one evaluation at the end, stage metrics included
+    if trainer.eval_dataset is not None and _last_evaluation_is_stale(trainer):
+        trainer.evaluate()  # the summary's evaluation is of the weights saved, stage metrics included
     summary = _save(cfg, trainer, setup.processor, setup.info, setup.data, runtime, first_step)
     if not trainer.is_world_process_zero():  # under a launcher, one process prints
         return summary

@@ -23,7 +23,7 @@ from stagereason.cli import main
 from stagereason.config import parse_config
 from stagereason.train.collate import StageCollator
 from stagereason.train.data import Row, load_rows
-from stagereason.train.runner import TrainConfig, _accelerator_available, build_trainer, text_only_guesser
+from stagereason.train.runner import TrainConfig, _accelerator_available, build_trainer, run_train, text_only_guesser
 from stagereason.train.templates import training_chat_template
 
 
@@ -226,6 +226,61 @@ def test_activation_offloading_without_a_gpu_is_refused_before_the_model_loads(t
                  "--output_dir", str(tmp_path / "run"), "--activation_offloading", "true"]) != 0
     assert "--activation_offloading moves activations from the GPU" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--packing", "true"], "--packing: TRL does not pack rows with images together"),
+    (["--padding_free", "true"], "--padding_free: TRL does not train rows with images padding-free"),
+    (["--report_to", "tensorboard"], r"--report_to tensorboard: its package is not installed \(pip install"),
+    (["--metric_for_best_model", "acuracy"], r"no evaluation logs it \(did you mean 'accuracy'\?\)"),
+    (["--metric_for_best_model", "eval_accuracy", "--stage_eval_samples", "0"],
+     "the stage-aware evaluation that logs it is off"),
+    (["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "steps",
+      "--eval_split", "none"], "--load_best_model_at_end needs held-out rows"),
+])
+def test_options_the_trainer_would_refuse_late_are_refused_before_the_model_loads(tiny_dir, scenes, tmp_path,
+                                                                                  monkeypatch, flags, match):
+    # each failed (or did nothing) only once the model had loaded, or after training had started
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(ValueError, match=match):
+        _cfg(tiny_dir, scenes, tmp_path / "run", *flags)
+
+
+def test_the_replacements_named_for_removed_training_options_exist():
+    from stagereason.config import RENAMED
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for old, new in RENAMED.items():
+        assert old not in fields and new.split()[0].removeprefix("--") in fields, (old, new)
+
+
+def test_options_the_cpu_cannot_honour_are_named(tiny_dir, scenes, tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("about machines without a GPU")
+    with caplog.at_level("WARNING", logger="stagereason.train.runner"):
+        cfg = _cfg(tiny_dir, scenes, tmp_path / "run", "--bf16", "true")
+    assert not cfg.bf16 and "--bf16 is ignored: no GPU is visible" in caplog.text
+    # --max_steps 0 trains by epochs (transformers took it as one step at learning rate 0)
+    cfg = _cfg(tiny_dir, scenes, tmp_path / "run", "--max_steps", "0", "--num_train_epochs", "0.5")
+    assert cfg.max_steps == -1 and cfg.num_train_epochs == 0.5
+
+
+def test_the_summary_describes_the_best_checkpoint_when_it_is_loaded_at_the_end(tiny_dir, scenes, tmp_path):
+    # the best checkpoint by eval_loss, higher being "better" here, is the first one; its weights are what the
+    # run saves, so the summary's evaluation must be of those weights, not of the last evaluation's
+    out = tmp_path / "run"
+    summary = run_train(_cfg(tiny_dir, scenes, out, "--peft", "lora", "--max_steps", "4", "--eval_strategy", "steps",
+                             "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+                             "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss",
+                             "--greater_is_better", "true"))
+    logged = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    at = {h["step"]: h["eval_loss"] for h in logged if "eval_loss" in h}
+    assert at[2] > at[4] and summary["best_model_checkpoint"].endswith("checkpoint-2")
+    assert summary["best_metric"] == at[2]
+    assert summary["eval_loss"] == pytest.approx(at[2], rel=1e-6)  # the saved (best) weights evaluated again
+    assert summary["eval"]["format_rate"] is not None
 
 
 def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
