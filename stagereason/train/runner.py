@@ -902,8 +902,25 @@ def _last_evaluation_is_stale(trainer) -> bool:
                                                            state.global_step)
 
 
+def _leave_process_group() -> None:
+    """Under a launcher, wait for every process, then tear the process group down before the interpreter exits.
+    A process that exited while another was still writing the run dir could abort in its exit ("terminate
+    called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """``stagereason train``: setup -> train (resumable) -> save a self-describing run directory."""
+    result = _run_train(cfg)
+    _leave_process_group()  # after success only: on an error the other processes fail or time out on their own
+    return result
+
+
+def _run_train(cfg: TrainConfig) -> dict:
     from stagereason.console import report
 
     setup = build_trainer(cfg)
