@@ -48,7 +48,7 @@ VERBS: dict[str, Verb] = {
     ),
     "train": Verb(
         "Fine-tune a VLM on staged traces with TRL's SFTTrainer: QLoRA (default), LoRA or full fine-tuning.",
-        "stagereason.train.runner:TrainConfig:run_train",
+        "stagereason.train.runner:TrainConfig:train_command",
     ),
     "infer": Verb(
         "Answer a question about an image in four stages, with stage-level beam search (or another search).",

@@ -903,9 +903,9 @@ def _last_evaluation_is_stale(trainer) -> bool:
 
 
 def _leave_process_group() -> None:
-    """Under a launcher, wait for every process, then tear the process group down before the interpreter exits.
-    A process that exited while another was still writing the run dir could abort in its exit ("terminate
-    called without an active exception")."""
+    """Under a launcher, every process waits for the others, then leaves the process group before its interpreter
+    exits (one process once aborted in its exit, "terminate called without an active exception", while another was
+    still writing the run dir)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -913,14 +913,16 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run_train(cfg: TrainConfig) -> dict:
-    """``stagereason train``: setup -> train (resumable) -> save a self-describing run directory."""
-    result = _run_train(cfg)
-    _leave_process_group()  # after success only: on an error the other processes fail or time out on their own
+def train_command(cfg: TrainConfig) -> dict:
+    """The ``stagereason train`` verb: :func:`run_train`, then (under a launcher) the processes leave together.
+    After an error the launcher stops the other processes."""
+    result = run_train(cfg)
+    _leave_process_group()
     return result
 
 
-def _run_train(cfg: TrainConfig) -> dict:
+def run_train(cfg: TrainConfig) -> dict:
+    """``stagereason train``: setup -> train (resumable) -> save a self-describing run directory."""
     from stagereason.console import report
 
     setup = build_trainer(cfg)
