@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "parse_config", "load_yaml_config", "make_parser"]
+__all__ = ["ConfigError", "did_you_mean", "parse_config", "load_yaml_config", "make_parser"]
 
 
 class ConfigError(ValueError):
@@ -36,12 +36,17 @@ RENAMED = {
 }
 
 
+def did_you_mean(name: str, known: list[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to a mistyped ``name``, or ``""`` if none is close."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _suggest(name: str, known: list[str]) -> str:
     bare = name.lstrip("-")
     if bare in RENAMED:
         return f" (transformers 5 / TRL 1 replaced it: use {RENAMED[bare]})"
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(name, known)
 
 
 def make_parser(types: tuple[type, ...], prog: str, description: str, positionals: tuple[str, ...] = ()):

@@ -8,7 +8,6 @@ resumable) -> save (weights, processor, resolved config, run info,
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from stagereason.config import did_you_mean
 from stagereason.stages import TraceFormatError, answers_match, parse_trace
 from stagereason.train.data import Row, load_rows, open_image, split_rows, to_dataset
 
@@ -189,10 +189,9 @@ class TrainConfig(SFTConfig):
             raise ValueError(f"--metric_for_best_model {self.metric_for_best_model}: the stage-aware evaluation "
                              "that logs it is off; set --stage_eval_samples above 0, or choose eval_loss")
         known = sorted(EVAL_METRICS | STAGE_METRICS)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        if name not in known and close:
-            raise ValueError(f"--metric_for_best_model {self.metric_for_best_model}: no evaluation logs it (did you "
-                             f"mean {close[0]!r}?)")
+        hint = did_you_mean(name, known, cutoff=0.75)  # only near misses: other metrics may be logged too
+        if name not in known and hint:
+            raise ValueError(f"--metric_for_best_model {self.metric_for_best_model}: no evaluation logs it{hint}")
 
     def to_dict(self) -> dict:
         # one name per checkpointing option, the one the recipes use: a saved config re-run with
