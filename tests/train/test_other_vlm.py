@@ -1,7 +1,8 @@
 """train on VLMs other than Mllama, built tiny in code: LLaVA-NeXT, whose processor turns each image placeholder
-into many tokens (their number depends on the image's size), and Gemma 3 (a fixed run of image tokens between
-begin/end-of-image tokens, token types that training needs). Labels, token lengths and training must hold there
-too."""
+into many tokens (their number depends on the image's size), Gemma 3 (a fixed run of image tokens between
+begin/end-of-image tokens, token types that training needs), and Qwen2.5-VL and Qwen3-VL (a run of image tokens
+that depends on the image's size, 3-D rotary positions; they need torchvision and skip without it). Labels, token
+lengths and training must hold there too."""
 
 import json
 
@@ -18,6 +19,7 @@ from stagereason.train.templates import training_chat_template
 
 from .tiny_gemma3 import build_tiny_gemma3
 from .tiny_llava_next import build_tiny_llava_next
+from .tiny_qwen_vl import build_tiny_qwen_vl
 
 MAX_SIDE = 2240  # what train gives a processor without tiles (560 x 4)
 SIZES = [(128, 128), (200, 90), (90, 200), (300, 300), (2500, 700), (57, 333)]
@@ -33,7 +35,26 @@ def gemma3(tmp_path_factory):
     return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "model")
 
 
-@pytest.fixture(params=["llava_next", "gemma3"])
+def _qwen(tmp_path_factory, version):
+    pytest.importorskip("torchvision", reason="Qwen-VL's processor needs torchvision")
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp(f"qwen{version}") / "model", version)
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_vl(tmp_path_factory):
+    return _qwen(tmp_path_factory, "2.5")
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory):
+    return _qwen(tmp_path_factory, "3")
+
+
+VLMS = ["llava_next", "gemma3", "qwen2_5_vl", "qwen3_vl"]
+END_OF_TURN = {"llava_next": "</s>", "gemma3": "<end_of_turn>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>"}
+
+
+@pytest.fixture(params=VLMS)
 def vlm(request):
     """(model dir, model type) of each tiny VLM."""
     name = request.param
@@ -91,7 +112,8 @@ def test_token_lengths_count_the_tokens_images_expand_to(vlm, data):
     assert [r.n_tokens for r in rows] == real
     if model_type == "llava_next":
         assert all(n > t + 30 for n, t in zip(real, text_only, strict=True))  # the images are most of each row
-        assert len(set(n - t for n, t in zip(real, text_only, strict=True))) > 3  # and their size sets how much
+    if model_type != "gemma3":  # the image's size sets how many tokens it takes
+        assert len(set(n - t for n, t in zip(real, text_only, strict=True))) > 3
     else:  # 4 image tokens between begin/end-of-image tokens and blank lines, whatever the size
         assert len({n - t for n, t in zip(real, text_only, strict=True)}) == 1 and real[0] > text_only[0] + 4
 
@@ -132,7 +154,7 @@ def test_label_positions_are_exactly_the_assistant_tokens(vlm, data):
     examples = [{"messages": rows[0].messages, "images": rows[0].images}, multi_turn, two_images, text_only]
     stops = _eos_ids(AutoModelForImageTextToText.from_pretrained(model))  # as train passes them
     batch = StageCollator(processor, template, MAX_SIDE, source=source, stop_ids=stops)(examples)
-    eos = processor.tokenizer.convert_tokens_to_ids("<end_of_turn>" if model_type == "gemma3" else "</s>")
+    eos = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[model_type])
     for i, ex in enumerate(examples):
         # every image sits in the first turn: the assistant tokens move by what the images expanded to
         text = processor.apply_chat_template(ex["messages"], tokenize=False)
@@ -171,13 +193,13 @@ def test_other_vlms_train_and_evaluate(vlm, data, tmp_path, peft):
         assert json.loads((out / "run_info.json").read_text())["model_type"] == model_type
 
 
-@pytest.mark.parametrize("name", ["mllama", "llava_next", "gemma3"])
-def test_the_filler_image_row_leaves_the_loss_unchanged(name, tiny_dir, llava, gemma3):
+@pytest.mark.parametrize("name", ["mllama", *VLMS])
+def test_the_filler_image_row_leaves_the_loss_unchanged(name, tiny_dir, request):
     # several processes: a batch without images gets a filler row with one, so that every process runs the vision
     # tower; it must not change the loss (its labels are -100, and Mllama's imageless rows ignore its image)
     from stagereason.modeling import load_model
 
-    path = {"mllama": tiny_dir, "llava_next": llava, "gemma3": gemma3}[name]
+    path = tiny_dir if name == "mllama" else request.getfixturevalue("llava" if name == "llava_next" else name)
     model, processor = load_model(path, dtype="fp32")
     model.eval()
     for p_name, p in model.named_parameters():  # trained gates, as in the real model (the tiny one starts at 0)
