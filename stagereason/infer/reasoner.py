@@ -61,8 +61,13 @@ class Reasoner:
 
     def __init__(self, model, processor, *, max_stage_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95):
-        from stagereason.infer.decode import drop_unapplied_processing
+        from stagereason.infer.decode import drop_unapplied_processing, mllama_parts
 
+        if mllama_parts(model)[0] is None:
+            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise ValueError(f"infer and eval run Llama-3.2-Vision (Mllama) models, and this is a {kind!r} model: "
+                             "staged decoding reuses Mllama's cross-attention image states (train and export "
+                             "handle other VLMs)")
         _needs_chat_template(processor)
         self.model, self.processor = model.eval(), processor
         dropped = drop_unapplied_processing(model)

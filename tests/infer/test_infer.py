@@ -335,3 +335,21 @@ def test_eval_skip_invalid_drops_the_rows_its_error_names(tiny_dir, tmp_path, ca
     assert main(args + ["--skip_invalid"]) == 0
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["n"] == 3
+
+
+@pytest.mark.parametrize("verb", ["infer", "eval"])
+def test_a_model_other_than_llama_vision_is_refused_by_name(tmp_path, image, capsys, verb):
+    # staged decoding reuses Mllama's cross-attention image states; another VLM (trained and exported fine) got
+    # a KeyError from eval deep in batching before
+    from tests.train.tiny_llava_next import build_tiny_llava_next
+
+    model = build_tiny_llava_next(tmp_path / "llava")
+    if verb == "infer":
+        args = ["infer", "--model", str(model), "--image", str(image), "--question", "How many?"]
+    else:
+        assert main(["gen", "--out", str(tmp_path / "data"), "--n", "2", "--no_progress"]) == 0
+        args = ["eval", "--model", str(model), "--data", str(tmp_path / "data"), "--search", "greedy",
+                "--out", str(tmp_path / "ev"), "--no_progress"]
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "'llava_next' model" in capsys.readouterr().err and not (tmp_path / "ev").exists()
