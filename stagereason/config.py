@@ -63,6 +63,10 @@ def make_parser(types: tuple[type, ...], prog: str, description: str, positional
         flag = next((o for o in action.option_strings if o.startswith("--no_")), None)
         if flag is not None:
             action.help = f"Turn off --{flag[len('--no_'):]}."
+        if getattr(action.type, "__name__", "") == "string_to_bool" and action.nargs is None:
+            # a `bool | None` option (default: decided later, e.g. --bf16) needs a value there; a bare flag means
+            # true, as it does for the plain booleans
+            action.nargs, action.const = "?", True
     return parser
 
 

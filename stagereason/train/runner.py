@@ -663,14 +663,18 @@ def _plot_loss(history: list[dict], path: Path) -> None:
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    mean = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
+    elif mean:  # a run shorter than --logging_steps logs no step loss: its mean, at its last step
+        ax.plot(*mean[-1], "s", label="mean train loss (no step logged: fewer steps than --logging_steps)")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if train or mean or evals:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
