@@ -160,10 +160,16 @@ def test_transparency_is_composited_over_white(tmp_path):
 
 def test_exif_orientation_is_applied_first(tmp_path):
     im = Image.new("RGB", (80, 40), "blue")
-    exif = im.getexif()
-    exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise
-    out = open_image(_save(im, tmp_path / "side.jpg", exif=exif), max_side=60)
-    assert out.size == (30, 60)
+    ImageDraw.Draw(im).rectangle([0, 0, 19, 19], fill="red")  # a mark in the stored top-left corner
+    for tag, corner in ((6, (29, 0)), (8, (0, 59))):  # 6: shown turned a quarter clockwise; 8: anticlockwise
+        exif = im.getexif()
+        exif[0x0112] = tag
+        out = open_image(_save(im, tmp_path / f"side{tag}.png", exif=exif), max_side=60)
+        assert out.size == (30, 60), tag
+        r, g, b = out.getpixel(corner)  # the mark is where the turn puts it, at the shrunk size
+        assert r > 200 and b < 60, (tag, out.getpixel(corner))
+        r, g, b = out.getpixel((29 - corner[0], 59 - corner[1]))
+        assert b > 200 and r < 60, tag
 
 
 def test_16_bit_grey_is_scaled_not_saturated(tmp_path):
@@ -230,7 +236,7 @@ def test_image_size_from_the_header_equals_the_opened_image(tmp_path):
     Image.new("RGB", (300, 120), "red").save(stored, exif=exif)
     for cap in (None, 200, 50):
         assert image_size(str(stored), cap) == open_image(str(stored), cap).size
-    with pytest.raises(Exception):  # noqa: B017 - validation names bad images before sizes are asked
+    with pytest.raises(FileNotFoundError):  # validation names bad images before sizes are asked
         image_size(str(tmp_path / "missing.png"))
 
 

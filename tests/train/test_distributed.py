@@ -101,13 +101,15 @@ def test_each_process_decodes_a_share_of_the_images_and_all_hear_of_a_bad_one(sc
         (data / r["image"]).write_bytes((scenes / r["image"]).read_bytes())
     (data / rows[1]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # the second process's share
     (data / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["-m", "stagereason.cli", "train", "--model_name_or_path", tiny_dir, "--dataset", data, "--use_cpu",
-            "true", "--output_dir", tmp_path / "run", "--dry_run", "--eval_split", "4"]
-    res = _torchrun(*args)
+    args = ["-m", "stagereason.cli", "train", "--dataset", data, "--use_cpu", "true", "--output_dir", tmp_path / "run",
+            "--eval_split", "4"]
+    res = _torchrun(*args, "--model_name_or_path", tmp_path / "no-such-model")
     assert res.returncode != 0
-    # both processes stop, before any model loads, naming the row (rank 0 never decoded that image itself)
-    assert res.stderr.count(f"{rows[1]['id']}: image: image ") == 2 and "loading" not in res.stderr
-    res = _torchrun(*args, "--skip_invalid", "--json")
+    # both processes stop, naming the row (rank 0 never decoded that image itself), before the model loads: the
+    # missing model is never reached, and nothing is written
+    assert res.stderr.count(f"{rows[1]['id']}: image: image ") == 2 and "no-such-model" not in res.stderr
+    assert not (tmp_path / "run").exists()
+    res = _torchrun(*args, "--model_name_or_path", tiny_dir, "--dry_run", "--skip_invalid", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     (printed,) = [line for line in res.stdout.splitlines() if line.startswith("{")]  # one process prints
     assert json.loads(printed)["invalid_dropped"] == 1 and json.loads(printed)["train_rows"] == 19

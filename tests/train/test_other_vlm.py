@@ -99,11 +99,18 @@ def _text_positions(processor, messages, eos):
     return positions
 
 
-def test_token_lengths_count_the_tokens_images_expand_to(vlm, data):
+def test_token_lengths_count_the_tokens_images_expand_to(vlm, data, tmp_path):
     model, model_type = vlm
     processor = AutoProcessor.from_pretrained(model)
     template = training_chat_template(processor, model_type)
-    rows, report, source = load_rows(str(data / "data.jsonl"))
+    records = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
+    two = {**records[0], "id": "two-images", "image": [records[1]["image"], records[4]["image"]]}  # sizes differ
+    two["conversations"] = [{"from": "human", "value": "<image>\nCompare with <image>: " + records[0]["conversations"][0]
+                             ["value"].replace("<image>", "").strip()}, records[0]["conversations"][1]]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*records, two]))
+    (tmp_path / "images").symlink_to(data / "images")
+    rows, report, source = load_rows(str(tmp_path / "data.jsonl"))
+    assert report.ok and rows[-1].images and len(rows[-1].images) == 2
     _token_lengths(rows, processor, template, report, False)
     text_only = [r.n_tokens for r in rows]
     _add_image_tokens(rows, processor, source, MAX_SIDE, template)
@@ -115,7 +122,9 @@ def test_token_lengths_count_the_tokens_images_expand_to(vlm, data):
     if model_type != "gemma3":  # the image's size sets how many tokens it takes
         assert len(set(n - t for n, t in zip(real, text_only, strict=True))) > 3
     else:  # 4 image tokens between begin/end-of-image tokens and blank lines, whatever the size
-        assert len({n - t for n, t in zip(real, text_only, strict=True)}) == 1 and real[0] > text_only[0] + 4
+        added = [n - t for n, t in zip(real, text_only, strict=True)]
+        assert len(set(added[:-1])) == 1 and real[0] > text_only[0] + 4
+        assert added[-1] == 2 * added[0]  # the row with two images
 
 
 def test_rows_over_max_length_only_with_their_image_tokens_are_dropped(llava, data, capsys):
@@ -189,8 +198,17 @@ def test_other_vlms_train_and_evaluate(vlm, data, tmp_path, peft):
         assert saved and all("language_model" in k for k in saved)
         assert {k.split(".")[-3] for k in saved} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                      "up_proj", "down_proj"}
+        trained = [k for k, v in saved.items() if "lora_B" in k and v.abs().sum() > 0]  # lora_B starts at zero
+        assert len(trained) == len(saved) // 2
     else:
         assert json.loads((out / "run_info.json").read_text())["model_type"] == model_type
+        base, tuned = load_file(model / "model.safetensors"), load_file(out / "model.safetensors")
+        assert tuned.keys() == base.keys()
+        changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+        # everything trains but what the model never runs: parts of the vision tower past the layer it takes
+        # features from (LLaVA-NeXT's last layer norm, SigLIP's pooling head in Gemma 3)
+        unused = {"llava_next": {"vision_tower.post_layernorm."}, "gemma3": {"vision_tower.head."}}.get(model_type, ())
+        assert {k for k in base if not k.startswith(tuple(unused))} == changed
 
 
 @pytest.mark.parametrize("name", ["mllama", *VLMS])

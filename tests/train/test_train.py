@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from stagereason.cli import main
@@ -89,6 +90,26 @@ def test_label_positions_are_exactly_the_assistant_tokens(tiny_dir, scenes, tmp_
     assert (batch["input_ids"] == image_id).sum() == 4  # one, one, two and zero images
 
 
+@pytest.mark.parametrize("assistant_only", ["true", "false"])
+def test_the_trainers_own_batches_label_exactly_the_assistant_tokens(tiny_dir, scenes, tmp_path, assistant_only):
+    # the collator train builds for the run (its template, stop ids, vocabulary guard, image source), on its rows
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--assistant_only_loss", assistant_only))
+    trainer, processor = setup.trainer, AutoProcessor.from_pretrained(tiny_dir)
+    rows = [trainer.train_dataset[i] for i in range(5)]
+    assert all(isinstance(ref, str) for r in rows for ref in r["images"])  # opened only when collated
+    batch = trainer.data_collator(rows)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    for i, row in enumerate(rows):
+        got = (batch["labels"][i] != -100).nonzero().flatten().tolist()
+        if assistant_only == "true":
+            assert got == _expected_label_positions(processor, row["messages"]), i
+        else:  # every real token but the image token (outside the output vocabulary)
+            real = batch["attention_mask"][i].bool() & (batch["input_ids"][i] != image_id)
+            assert got == real.nonzero().flatten().tolist(), i
+        assert torch.equal(batch["labels"][i][got], batch["input_ids"][i][got])
+    assert trainer.args.assistant_only_loss == (assistant_only == "true")  # recorded as asked
+
+
 def test_reported_loss_equals_hand_computed_cross_entropy(tiny_dir, scenes, tmp_path):
     setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "none"))
     trainer = setup.trainer
@@ -143,7 +164,7 @@ def test_qlora_changes_only_lora_weights(tiny_dir, scenes, tmp_path):
     after = _snapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     lora = {n for n in before if "lora_" in n}
-    assert changed and changed <= lora
+    assert lora and changed == lora  # every adapter weight trained, and nothing else
     assert any("cross_attn" in n for n in changed)  # cross-attention is adapted too
     assert all("vision_model" not in n for n in lora)
 
@@ -201,8 +222,7 @@ def test_full_finetuning_changes_every_weight_that_gets_a_gradient(tiny_dir, sce
     setup.trainer.train()
     after = _snapshot(model)
     unchanged = sorted(n for n in before if torch.equal(before[n], after[n]))
-    assert len(unchanged) <= 2, unchanged  # at most embeddings of unused tile aspect ratios
-    assert "lm_head.weight" not in unchanged and "model.multi_modal_projector.weight" not in unchanged
+    assert unchanged == []  # vision tower, projector, decoder, gates, embeddings and lm_head all trained
 
 
 def test_frozen_vision_tower_keeps_its_weights_while_the_rest_trains(tiny_dir, scenes, tmp_path):
@@ -214,8 +234,7 @@ def test_frozen_vision_tower_keeps_its_weights_while_the_rest_trains(tiny_dir, s
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     tower = {n for n in before if n.startswith("model.vision_model.")}
     assert tower and not tower & changed
-    assert {"lm_head.weight", "model.multi_modal_projector.weight"} <= changed
-    assert len(changed) >= len(before) - len(tower) - 2  # the text decoder trains as in full fine-tuning
+    assert changed == set(before) - tower  # everything else trains as in full fine-tuning
     with pytest.raises(ValueError, match="--freeze_vision_tower and --vision_lora"):
         _cfg(tiny_dir, scenes, tmp_path / "other", "--freeze_vision_tower", "true", "--vision_lora", "true")
 
@@ -259,9 +278,12 @@ def test_the_replacements_named_for_removed_training_options_exist():
 def test_options_the_cpu_cannot_honour_are_named(tiny_dir, scenes, tmp_path, caplog):
     if torch.cuda.is_available():
         pytest.skip("about machines without a GPU")
-    with caplog.at_level("WARNING", logger="stagereason.train.runner"):
-        cfg = _cfg(tiny_dir, scenes, tmp_path / "run", "--bf16", "true")
-    assert not cfg.bf16 and "--bf16 is ignored: no GPU is visible" in caplog.text
+    for flags in (["--bf16", "true"], ["--bf16"]):  # bare, as the plain boolean flags take it (it is `bool | None`)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stagereason.train.runner"):
+            cfg = _cfg(tiny_dir, scenes, tmp_path / "run", *flags)
+        assert not cfg.bf16 and "--bf16 is ignored: no GPU is visible" in caplog.text
+    assert not _cfg(tiny_dir, scenes, tmp_path / "run", "--bf16", "false").bf16
     # --max_steps 0 trains by epochs (transformers took it as one step at learning rate 0)
     cfg = _cfg(tiny_dir, scenes, tmp_path / "run", "--max_steps", "0", "--num_train_epochs", "0.5")
     assert cfg.max_steps == -1 and cfg.num_train_epochs == 0.5
@@ -283,23 +305,37 @@ def test_the_summary_describes_the_best_checkpoint_when_it_is_loaded_at_the_end(
     assert summary["eval"]["format_rate"] is not None
 
 
-def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys):
+def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys, monkeypatch):
+    from stagereason.train import runner
+
+    plotted = []
+    plot = runner._plot_loss
+    monkeypatch.setattr(runner, "_plot_loss", lambda history, path: (plotted.extend(history), plot(history, path)))
     out = tmp_path / "run"
     assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes), "--output_dir", str(out),
                  "--peft", "lora", "--max_steps", "2", "--per_device_train_batch_size", "4",
                  "--gradient_checkpointing", "false", "--eval_split", "4", "--stage_eval_samples", "2",
-                 "--stage_eval_max_new_tokens", "8", "--json"]) == 0
+                 "--stage_eval_max_new_tokens", "8", "--logging_steps", "1", "--json"]) == 0
     files = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json",
             "chat_template.jinja", "train_config.yaml", "run_info.json", "train_summary.json", "loss.png",
             "eval_samples.jsonl"} <= files
     summary = json.loads((out / "train_summary.json").read_text())
-    for key in ("steps", "final_train_loss", "train_runtime_s", "samples_per_s", "tokens_per_s", "peak_memory_gb"):
-        assert summary[key] is not None, key
-    assert summary["steps"] == 2 and set(summary["eval"]) >= {"format_rate", "accuracy", "text_only_accuracy"}
-    assert summary["train_samples"] == 8 and summary["processes"] == 1 and summary["eval_runtime_s"] > 0
+    # the loss curve is the run's logged losses, and the summary's final loss is the last of them
+    losses = [(h["step"], h["loss"]) for h in plotted if "loss" in h]
+    assert [step for step, _ in losses] == [1, 2] and summary["final_train_loss"] == losses[-1][1]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["steps"] == 2 and summary["train_samples"] == 8 and summary["processes"] == 1
     assert summary["samples_per_s"] == pytest.approx(8 / summary["train_runtime_s"], rel=0.01)
-    assert 0 <= summary["eval"]["text_only_accuracy"] <= 1
+    assert summary["train_tokens"] > 8 * 100  # every row has its image token, prompt and staged answer
+    assert summary["tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_runtime_s"], rel=0.01)
+    assert summary["peak_memory_gb"] > 0 and summary["eval_runtime_s"] > 0
+    # the stage-aware evaluation is what eval_samples.jsonl holds: 2 generated answers, scored
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == summary["eval"]["samples"] == 2
+    assert summary["eval"]["format_rate"] == sum(s["format_ok"] for s in samples) / 2
+    assert summary["eval"]["accuracy"] == sum(s["correct"] for s in samples) / 2
+    assert 0 <= summary["eval"]["text_only_accuracy"] <= 1 and summary["eval_loss"] is not None
     info = json.loads((out / "run_info.json").read_text())
     assert info["base_model"] == str(tiny_dir) and info["peft"] == "lora" and info["precision"] == "fp32"
     assert info["processes"] == 1 and info["distributed"] == "NO"
@@ -357,6 +393,23 @@ def test_skip_invalid_and_over_long_rows_are_dropped_and_counted(tiny_dir, scene
     assert summary["train_rows"] + summary["eval_rows"] == 22
 
 
+def test_max_length_keeps_rows_of_exactly_that_length_whole_and_drops_longer_ones(tiny_dir, scenes, tmp_path):
+    def built(name, *flags):
+        trainer = build_trainer(_cfg(tiny_dir, scenes, tmp_path / name, "--eval_split", "none", *flags)).trainer
+        rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+        collated = [int(trainer.data_collator([r])["attention_mask"].sum()) for r in rows]
+        assert collated == [r["length"] for r in rows]  # the counted lengths are what the model gets
+        return sorted(collated)
+
+    every = built("all")
+    limit = every[len(every) // 2]
+    assert every[0] < limit < every[-1]
+    assert built("cut", "--max_length", str(limit)) == [n for n in every if n <= limit]  # none cut short
+    with pytest.raises(ValueError, match=f"no training rows left .* longer than max_length {every[0] - 1}: 24"):
+        build_trainer(_cfg(tiny_dir, scenes, tmp_path / "none", "--eval_split", "none",
+                           "--max_length", str(every[0] - 1)))
+
+
 def test_the_rates_count_the_rows_and_tokens_trained_on(tiny_dir, scenes, tmp_path):
     # 20 training rows in micro-batches of 3, two per step: the last step holds one micro-batch of 2 rows, so
     # steps x batch x accumulation (24) overstates what trained; the rows and tokens are counted as they train
@@ -397,7 +450,23 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_final_step(tiny_dir, 
     summary = json.loads((out / "train_summary.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
     assert summary["steps"] == 40 and os.path.basename(info["resumed_from"]).startswith("checkpoint-")
-    assert summary["train_samples"] == (40 - summary["resumed_from_step"]) * 2  # this run's rows only
+    first = summary["resumed_from_step"]
+    assert first in (5, 10) and summary["train_samples"] == (40 - first) * 2  # this run's rows only
+    # the same run without the kill: the resumed steps see the same rows with the same optimizer state
+    ref = tmp_path / "ref"
+    res = subprocess.run([*cmd[:cmd.index("--output_dir") + 1], str(ref), *cmd[cmd.index("--output_dir") + 2:]],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def losses(run):
+        history = json.loads((run / "checkpoint-40/trainer_state.json").read_text())["log_history"]
+        return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+    resumed, whole = losses(out), losses(ref)
+    assert sorted(resumed) == sorted(whole) == list(range(1, 41))
+    assert all(resumed[k] == whole[k] for k in range(first + 1, 41)), (first, resumed, whole)
+    a, b = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resuming_full_finetuning_loads_the_trained_weights_not_the_base(tiny_dir, scenes, tmp_path):
@@ -492,8 +561,12 @@ def test_fit_tiles_gives_at_most_the_asked_tiles(h, w, most):
     out = processor(images=[[fitted]], return_tensors="pt")
     assert out["pixel_values"].shape[2] == 4  # still padded to the model's own tile count
     assert 1 <= int(out["aspect_ratio_mask"].sum()) <= most
-    fits = any(r * 56 >= h and c * 56 >= w for r in range(1, most + 1) for c in range(1, most + 1) if r * c <= most)
+    canvases = [(r, c) for r in range(1, most + 1) for c in range(1, most + 1) if r * c <= most]
+    fits = any(r * 56 >= h and c * 56 >= w for r, c in canvases)
     assert (fitted is image) == fits  # shrunk only when no canvas of at most `most` tiles holds it
+    if not fits:  # and then just enough: it fills a canvas of at most `most` tiles on one side (to a pixel)
+        assert any(fitted.height <= r * 56 and fitted.width <= c * 56
+                   and (r * 56 - fitted.height <= 1 or c * 56 - fitted.width <= 1) for r, c in canvases)
 
 
 def test_max_image_tiles_on_a_model_without_tiles_is_refused(scenes, tmp_path):
@@ -638,6 +711,14 @@ def test_overwrite_waits_for_the_trainer_and_never_deletes_the_runs_own_input(ti
     with pytest.raises(FileExistsError, match=r"holds this run's input \(--dataset "):
         build_trainer(_cfg(tiny_dir, out / "data", out, "--overwrite_output_dir", "true"))
     assert (out / "data" / "data.jsonl").is_file() and (out / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="holds no complete checkpoint"):  # nothing to resume from
+        build_trainer(_cfg(tiny_dir, scenes, out, "--resume_from_checkpoint", "auto"))
+    assert (out / "model.safetensors").is_file()
+    # a valid run with --overwrite_output_dir: the old contents go once its trainer is built, and it trains there
+    setup = build_trainer(_cfg(tiny_dir, scenes, out, "--overwrite_output_dir", "true", "--max_steps", "1"))
+    assert not (out / "model.safetensors").exists() and not (out / "data").exists()
+    setup.trainer.train()
+    assert (out / "checkpoint-1").is_dir()
 
 
 def test_rows_the_chat_template_refuses_are_named_or_dropped(tiny_dir, scenes, tmp_path, capsys):
@@ -656,15 +737,29 @@ def test_rows_the_chat_template_refuses_are_named_or_dropped(tiny_dir, scenes, t
     assert summary["invalid_dropped"] == 1 and summary["train_rows"] == len(rows) - 1
 
 
-def test_dry_run_estimates_the_steps_the_trainer_takes(tiny_dir, scenes, tmp_path, capsys):
+def test_dry_run_estimates_the_steps_the_trainer_takes(tiny_dir, scenes, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from stagereason.train import runner
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a dry run loaded the model")
+
+    monkeypatch.setattr(runner, "_load", no_model)
     # 20 training rows, batch 3: 7 batches; accumulation 2: 4 updates an epoch; 1.1 epochs: 5 updates
     args = ["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes), "--dry_run", "--json",
             "--eval_split", "4", "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2",
-            "--num_train_epochs", "1.1", "--max_steps", "-1"]
+            "--num_train_epochs", "1.1", "--max_steps", "-1", "--output_dir", str(tmp_path / "run")]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["estimated_steps"] == 5
     assert printed["config"]["per_device_train_batch_size"] == 3 and printed["config"]["eval_split"] == "4"
+    assert main([a for a in args if a != "--json"]) == 0  # as a person reads it: the config as YAML, then the table
+    text = capsys.readouterr().out
+    config, table = text.split("# resolved config\n", 1)[1].split("dataset (dry run: nothing trained)", 1)
+    assert yaml.safe_load(config)["gradient_accumulation_steps"] == 2
+    assert "estimated_steps" in table and "5" in table.split("estimated_steps", 1)[1].splitlines()[0]
+    assert not (tmp_path / "run").exists()  # nothing written
     for flags, said in ((["--eval_split", "1.5"], "--eval_split 1.5"),
                         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
                         (["--num_train_epochs", "-1"], "nothing to train"),
@@ -698,3 +793,19 @@ def test_the_text_only_guess_is_the_commonest_answer_to_the_same_question_else_o
     assert guess(row("Is it right?", "?", "spatial")) == "yes"
     assert guess(row("What is it?", "?", None)) == "4"  # nothing to go on: the commonest overall
     assert text_only_guesser([])(row("Q?", "a", None)) == ""
+
+
+def test_the_loss_plot_of_a_run_shorter_than_logging_steps_shows_its_mean_loss(tmp_path, monkeypatch, recwarn):
+    import matplotlib.pyplot as plt
+
+    from stagereason.train.runner import _plot_loss
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    _plot_loss([{"step": 3, "train_loss": 2.5, "train_runtime": 1.0}], tmp_path / "loss.png")
+    ((line,),) = [fig.axes[0].get_lines() for fig in figures]
+    assert list(line.get_xdata()) == [3] and list(line.get_ydata()) == [2.5]
+    assert "mean train loss" in line.get_label() and (tmp_path / "loss.png").stat().st_size > 0
+    _plot_loss([], tmp_path / "empty.png")  # nothing logged at all: an empty plot, no legend warning
+    assert not [w for w in recwarn if "No artists" in str(w.message)]
