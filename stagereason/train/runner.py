@@ -201,6 +201,13 @@ class TrainConfig(SFTConfig):
                          ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
             if old in d and d.get(new) == d[old]:
                 d.pop(new)
+        # transformers hides every *_token value behind a "<NAME>" placeholder: TRL's pad and eos tokens are no
+        # secrets, and a saved config must give them back; the hub token stays hidden when there is one
+        for name in ("pad_token", "eos_token"):
+            if name in d:
+                d[name] = getattr(self, name)
+        if self.hub_token is None:
+            d["hub_token"] = None
         return d
 
 

@@ -355,6 +355,22 @@ def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys, monkeypatc
     assert "is not empty; pass --resume_from_checkpoint auto" in capsys.readouterr().err
 
 
+def test_the_saved_config_gives_back_the_pad_and_eos_tokens_and_keeps_the_hub_token_secret(tmp_path):
+    from stagereason.config import dump_config
+
+    args = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "run")]
+    (cfg,) = parse_config((TrainConfig,), [*args, "--pad_token", "<|finetune_right_pad_id|>", "--eos_token",
+                                           "<|eot_id|>", "--hub_token", "hf_secret"])
+    dump_config((cfg,), tmp_path / "train_config.yaml")
+    saved = (tmp_path / "train_config.yaml").read_text()
+    assert "hf_secret" not in saved and "_TOKEN>" not in saved  # transformers' placeholders are not tokens
+    (back,) = parse_config((TrainConfig,), ["--config", str(tmp_path / "train_config.yaml")])
+    assert (back.pad_token, back.eos_token, back.hub_token) == ("<|finetune_right_pad_id|>", "<|eot_id|>", None)
+    (plain,) = parse_config((TrainConfig,), args)  # what --dry_run prints: the values, None where unset
+    assert {k: plain.to_dict()[k] for k in ("pad_token", "eos_token", "hub_token")} == dict.fromkeys(
+        ("pad_token", "eos_token", "hub_token"))
+
+
 def test_invalid_dataset_fails_before_the_model_loads(scenes, tmp_path, capsys):
     lines = (scenes / "data.jsonl").read_text().splitlines()
     bad = [json.loads(x) for x in lines[:6]]
