@@ -371,6 +371,23 @@ def test_the_saved_config_gives_back_the_pad_and_eos_tokens_and_keeps_the_hub_to
         ("pad_token", "eos_token", "hub_token"))
 
 
+def test_the_python_api_trains_as_the_verb_does(tiny_dir, scenes, tmp_path):
+    import stagereason.train as api
+
+    assert api.TrainConfig is TrainConfig and api.run_train is run_train
+    common = dict(model_name_or_path=str(tiny_dir), dataset=str(scenes), max_steps=2, per_device_train_batch_size=4,
+                  stage_eval_max_new_tokens=8, gradient_checkpointing=False)
+    summary = api.run_train(api.TrainConfig(output_dir=str(tmp_path / "run"), peft="lora", eval_split=4,
+                                            stage_eval_samples=2, **common))
+    assert summary == {**json.loads((tmp_path / "run" / "train_summary.json").read_text()), "dataset": summary["dataset"]}
+    assert summary["steps"] == 2 and summary["eval"]["samples"] == 2 and summary["dataset"]["eval_rows"] == 4
+    summary = api.run_train(api.TrainConfig(output_dir=str(tmp_path / "none"), peft="none", eval_split=None,
+                                            **common))
+    assert summary["eval"] is None and summary["dataset"]["train_rows"] == 24
+    with pytest.raises(ValueError, match="--packing"):  # the checks the verb makes, made here too
+        api.TrainConfig(output_dir=str(tmp_path / "p"), packing=True, **common)
+
+
 def test_invalid_dataset_fails_before_the_model_loads(scenes, tmp_path, capsys):
     lines = (scenes / "data.jsonl").read_text().splitlines()
     bad = [json.loads(x) for x in lines[:6]]
