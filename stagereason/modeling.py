@@ -134,6 +134,14 @@ def vision_tower(model) -> torch.nn.Module | None:
     return next((m for name, m in model.named_modules() if _VISION_TOWER.search(name)), None)
 
 
+def vision_linear_names(model) -> list[str]:
+    """The module names of every linear layer of the vision encoder (``vision_tower``), in model order."""
+    prefix = next((name for name, _ in model.named_modules() if _VISION_TOWER.search(name)), None)
+    if prefix is None:
+        return []
+    return [n for n, m in model.named_modules() if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)]
+
+
 def quantization_config(config, quantization: str | None, compute_dtype: torch.dtype):
     """A ``BitsAndBytesConfig`` for ``"4bit"`` (QLoRA: nf4, double quantization) or ``"8bit"``."""
     if quantization is None or quantization == "none":

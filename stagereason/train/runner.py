@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,6 @@ EVAL_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "en
                 "num_tokens", "aux_loss"}
 STAGE_METRICS = {"format_rate", "accuracy", "text_only_accuracy"}
 REPORT_PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml", "azure_ml": "azureml-core"}
-VISION_TARGETS = r".*vision_model.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
-
-
 def _f(default, help):  # noqa: A002 - argparse's word
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -70,7 +68,8 @@ class TrainConfig(SFTConfig):
     lora_dropout: float = _f(0.05, "Dropout on the LoRA path.")
     lora_target_modules: str = _f(TEXT_DECODER_TARGETS, "Regex of modules to adapt; the default is the text "
                                                         "decoder's projections, cross-attention included.")
-    vision_lora: bool = _f(False, "Also adapt the vision tower's attention and MLP.")
+    vision_lora: bool = _f(False, "Also adapt every linear layer of the vision encoder (attention and MLP; "
+                                  "Qwen-VL's merger too).")
     freeze_vision_tower: bool = _f(False, "Full fine-tuning (--peft none): keep the vision tower's weights as "
                                           "loaded; the projector and text decoder train. (LoRA leaves the tower "
                                           "frozen unless --vision_lora.)")
@@ -624,12 +623,23 @@ def _dataset_summary(rows: list[Row], kept: list[Row], eval_rows: list[Row], rep
     }
 
 
-def _peft_config(cfg: TrainConfig):
+def _peft_config(cfg: TrainConfig, model=None):
+    """LoRA on ``--lora_target_modules``; with ``--vision_lora`` also on every linear layer of ``model``'s vision
+    encoder, named exactly (their names differ between VLMs: Mllama's q/k/v/o_proj and fc1/fc2, Qwen-VL's qkv,
+    proj and MLP projections, SigLIP's out_proj...)."""
     if cfg.peft == "none":
         return None
     from peft import LoraConfig
 
-    target = cfg.lora_target_modules + (f"|{VISION_TARGETS}" if cfg.vision_lora else "")
+    from stagereason.modeling import vision_linear_names
+
+    target = cfg.lora_target_modules
+    if cfg.vision_lora:
+        names = vision_linear_names(model)
+        if not names:
+            raise ValueError(f"--vision_lora: {cfg.model_name_or_path} has no vision encoder with linear layers "
+                             "(looked for a module named vision_model, vision_tower or visual)")
+        target = "|".join([target, *(re.escape(n) for n in names)])
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=target, task_type="CAUSAL_LM")
 
@@ -872,7 +882,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         trainer = StageSFTTrainer(
             model=model, args=cfg, train_dataset=to_dataset(kept),
             eval_dataset=to_dataset(eval_kept) if eval_kept else None, processing_class=processor,
-            data_collator=collator, peft_config=_peft_config(cfg),
+            data_collator=collator, peft_config=_peft_config(cfg, model),
             stage_rows=eval_kept[: cfg.stage_eval_samples], stage_max_new_tokens=cfg.stage_eval_max_new_tokens,
             text_only_guess=text_only_guesser(kept),
             max_image_side=max_side, image_source=source, image_tiles=tiles,

@@ -276,3 +276,29 @@ def test_labelled_runs_end_at_their_last_end_of_turn_token():
         _end_at_stop(got, ids, stops)
         _end_at_stop_reference(want, ids, stops)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["mllama", *VLMS])
+def test_vision_lora_adapts_every_linear_layer_of_each_vlms_vision_encoder(name, tiny_dir, request, tmp_path):
+    # the vision encoders name their layers differently (Mllama q/k/v/o_proj + fc1/fc2, SigLIP out_proj, Qwen-VL
+    # qkv/proj and gate/up/down_proj): --vision_lora must find them all in each, and nothing else of the tower
+    from peft import get_peft_model
+
+    from stagereason.modeling import vision_tower
+    from stagereason.train.runner import TrainConfig, _peft_config
+
+    path = tiny_dir if name == "mllama" else request.getfixturevalue("llava" if name == "llava_next" else name)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    tower = vision_tower(model)
+    linears = {id(m) for m in tower.modules() if isinstance(m, torch.nn.Linear)}
+    assert linears
+    cfg = TrainConfig(model_name_or_path=str(path), dataset="d", output_dir=str(tmp_path), peft="lora",
+                      vision_lora=True)
+    wrapped = get_peft_model(model, _peft_config(cfg, model))
+    adapted = {id(m.base_layer) for m in tower.modules() if hasattr(m, "lora_A")}
+    assert adapted == linears
+    text = [n for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and "language_model" in n]
+    assert text  # the text decoder keeps its own adapters
+    cfg.vision_lora = False
+    plain = get_peft_model(AutoModelForImageTextToText.from_pretrained(path), _peft_config(cfg, model))
+    assert not any(hasattr(m, "lora_A") for m in vision_tower(plain).modules())
