@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -304,7 +305,8 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
         history = setup.trainer.state.log_history
     steady = (timer.times[warmup + steps - 1] - timer.times[warmup - 1]) / steps  # a traced step is not timed
     result = {
-        "recipe": recipe, "overrides": " ".join(overrides), "seq_tokens_per_row": row_tokens, "batch": batch,
+        "recipe": recipe, "overrides": " ".join(overrides), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "seq_tokens_per_row": row_tokens, "batch": batch,
         "lora_r": lora_r, "optim": cfg.optim, "checkpointing": json.dumps(cfg.gradient_checkpointing_kwargs),
         "measured_steps": steps,
         "s_per_step": round(steady, 3), "tokens_per_s": round(batch * row_tokens / steady, 1),

@@ -18,15 +18,24 @@ def _bench(*args, cwd):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_gpu_11b_build_infer_and_train_run_on_the_test_architecture(tmp_path):
-    model = tmp_path / "m"
-    assert _bench(str(ROOT / "bench/gpu_11b.py"), "build", str(model), "--arch", "test", cwd=tmp_path)["arch"] == "test"
-    out = _bench(str(ROOT / "bench/gpu_11b.py"), "infer", str(model), "--max_stage_tokens", "4", "--repeats", "1",
-                 cwd=tmp_path)
-    assert {"greedy_s", "stage_n2_s", "stage_n4_s", "overhead_vs_greedy_n4"} <= set(out)
-    out = _bench(str(ROOT / "bench/gpu_11b.py"), "train", str(model), "--seq", "256", "--steps", "2",
-                 "--max_image_tiles", "2", cwd=ROOT)
-    assert out["measured_steps"] == 2 and out["last_loss"] is not None
+def test_the_gpu_session_script_runs_every_gpu_11b_step_on_the_test_architecture(tmp_path):
+    # bench/gpu_session.sh is what a GPU machine runs (build, train with its memory trace, train with expandable
+    # segments, infer); on the tiny `test` architecture every step runs on the CPU too
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "ARCH": "test", "SEQ": "256", "MODEL": str(tmp_path / "m"),
+           "TRAIN_FLAGS": "--max_image_tiles 2 --steps 2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_session.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    steps = (tmp_path / "out/steps.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in steps] == ["# build", "# train_trace", "# train_expandable", "# infer"]
+    assert all(": rc 0," in line for line in steps), steps
+    result = {name: json.loads((tmp_path / f"out/{name}.json").read_text())
+              for name in ("build", "train_trace", "train_expandable", "infer")}
+    assert result["build"]["arch"] == "test"
+    assert result["train_trace"]["measured_steps"] == 2 and result["train_trace"]["last_loss"] is not None
+    assert result["train_trace"]["alloc_conf"] is None
+    assert result["train_expandable"]["alloc_conf"] == "expandable_segments:True"
+    assert {"greedy_s", "stage_n2_s", "stage_n4_s", "overhead_vs_greedy_n4"} <= set(result["infer"])
 
 
 def _load_gpu_bench():
