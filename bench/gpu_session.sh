@@ -11,7 +11,8 @@
 # the root of a machine with pip (cp312 here is the GPU machine's Python):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl trl==1.16.0 bitsandbytes==0.50.2 datasets dill multiprocess
+#     --platform manylinux2014_x86_64 -d .whl trl==1.16.0 bitsandbytes==0.50.2 datasets dill multiprocess \
+#     transformers==5.24.0 peft==0.21.2   # the versions the tests ran with (the GPU machine had transformers 5.17)
 set -uo pipefail
 
 OUT=${OUT:-bench/out}
