@@ -15,8 +15,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -248,6 +250,58 @@ class _FrozenTowers(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             _frozen_towers_record_no_graph(model)
+
+
+class _StopOnSignal(TrainerCallback):
+    """SIGTERM (a scheduler's preemption, ``scancel``, ``kill``) or SIGINT (Ctrl-C) while training: finish the
+    step, save a checkpoint and stop, so that ``--resume_from_checkpoint auto`` goes on from there. A second
+    signal acts as usual (SIGINT: KeyboardInterrupt at once). Under a launcher the processes stop at the same
+    step: the flag is reduced over them at each optimizer step. Dataloader workers forked while it is installed
+    inherit the handler and keep serving batches (a terminal's Ctrl-C reaches them too)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None  # the signal that asked for the stop
+        self.stopped_at: int | None = None  # the step whose checkpoint ends the run
+        self._previous: dict = {}
+        self._pid = os.getpid()
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only: a run started from another thread keeps Python's handling
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a dataloader worker: the training process decides
+            return
+        if self.received is not None:  # the second one: as if never caught
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        logger.warning("%s: training stops after this step, with a checkpoint (send it again to stop at once)",
+                       signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received is not None
+        if args.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = torch.tensor([float(stop)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+        if stop:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 class StageSFTTrainer(SFTTrainer):
@@ -933,11 +987,13 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def train_command(cfg: TrainConfig) -> dict:
+def train_command(cfg: TrainConfig) -> dict | int:
     """The ``stagereason train`` verb: :func:`run_train`, then (under a launcher) the processes leave together.
     After an error the launcher stops the other processes."""
     result = run_train(cfg)
     _leave_process_group()
+    if "stopped_by" in result:  # stopped by a signal, with a checkpoint: the shell's status for that signal
+        return result["exit_status"]
     return result
 
 
@@ -960,7 +1016,22 @@ def run_train(cfg: TrainConfig) -> dict:
     trainer = setup.trainer
     first_step = _checkpoint_step(setup.resume)
     start = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=setup.resume)
+    stop = _StopOnSignal()
+    trainer.add_callback(stop)
+    stop.install()
+    try:
+        out = trainer.train(resume_from_checkpoint=setup.resume)
+    finally:
+        stop.uninstall()
+        trainer.remove_callback(stop)
+    if stop.stopped_at is not None:  # stopped by a signal: a checkpoint, no run summary (the run is not done)
+        ckpt = Path(cfg.output_dir) / f"checkpoint-{stop.stopped_at}"
+        name = signal.Signals(stop.received).name if stop.received else "a signal to another process"
+        if trainer.is_world_process_zero():
+            print(f"stopped by {name} at step {stop.stopped_at} of {trainer.state.max_steps}: saved {ckpt}; the same "
+                  "command with --resume_from_checkpoint auto goes on from there", file=sys.stderr)
+        return {"stopped_by": name, "steps": stop.stopped_at, "checkpoint": str(ckpt),
+                "exit_status": 128 + (stop.received or signal.SIGTERM)}
     # training only, this run's part: evaluations during training are left out
     runtime = out.metrics.get("train_runtime", time.perf_counter() - start) - trainer.eval_seconds
     if trainer.eval_dataset is not None and _last_evaluation_is_stale(trainer):

@@ -18,6 +18,8 @@ import torch
 
 from stagereason.cli import main
 
+from .watch import watch_stderr
+
 WORKER = Path(__file__).with_name("shard_worker.py")
 ACCELERATE_CPU = Path(__file__).with_name("accelerate_cpu.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -257,3 +259,42 @@ def test_a_process_whose_batch_has_no_image_steps_with_the_others(tiny_dir, scen
     assert summary["train_samples"] == 6 * 2
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert [s["id"].endswith("-text") for s in samples] == [False, False, True, True]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_dir, scenes, tmp_path):
+    # a scheduler may signal the processes at different moments, or only one: they agree on the step to stop
+    # at (a deadlock otherwise: one waiting in the next step's collectives, the other in the checkpoint's)
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = ["-m", "stagereason.cli", "train", "--model_name_or_path", tiny_dir, "--dataset", scenes,
+            "--output_dir", out, "--peft", "lora", "--use_cpu", "true", "--per_device_train_batch_size", "2",
+            "--eval_split", "none", "--dataloader_num_workers", "0", "--logging_steps", "1", "--save_steps", "1000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *map(str, args), "--max_steps", "300"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines, started = watch_stderr(proc, 300)
+    try:
+        assert started.wait(240), "".join(lines)[-3000:]
+        rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if p.environ().get("RANK") == "1" and p.environ().get("LOCAL_RANK") == "1"
+                     and "stagereason.cli" in " ".join(p.cmdline()))
+        rank1.send_signal(signal.SIGTERM)
+        proc.wait(180)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    time.sleep(0.5)  # the reader thread's last lines
+    said = next((line for line in lines if "stopped by" in line), None)
+    assert said is not None, "".join(lines)[-3000:]
+    step = int(said.split(" at step ")[1].split()[0])
+    assert "stopped by a signal to another process" in said  # rank 0 prints; rank 1 got the signal
+    ckpt = out / f"checkpoint-{step}"
+    assert {"trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+    assert [p.name for p in out.glob("checkpoint-*")] == [ckpt.name] and not (out / "train_summary.json").exists()
+    res = _torchrun(*args, "--max_steps", step + 2, "--resume_from_checkpoint", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == step + 2 and summary["resumed_from_step"] == step

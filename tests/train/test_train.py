@@ -27,6 +27,8 @@ from stagereason.train.data import Row, load_rows
 from stagereason.train.runner import TrainConfig, _accelerator_available, build_trainer, run_train, text_only_guesser
 from stagereason.train.templates import training_chat_template
 
+from .watch import watch_stderr
+
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
@@ -842,3 +844,29 @@ def test_the_loss_plot_of_a_run_shorter_than_logging_steps_shows_its_mean_loss(t
     assert "mean train loss" in line.get_label() and (tmp_path / "loss.png").stat().st_size > 0
     _plot_loss([], tmp_path / "empty.png")  # nothing logged at all: an empty plot, no legend warning
     assert not [w for w in recwarn if "No artists" in str(w.message)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_training_saves_a_checkpoint_that_the_run_resumes_from(tiny_dir, scenes, tmp_path, sig):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stagereason.cli", "train", "--model_name_or_path", str(tiny_dir),
+           "--dataset", str(scenes), "--output_dir", str(out), "--peft", "lora", "--max_steps", "400",
+           "--per_device_train_batch_size", "2", "--save_steps", "1000", "--gradient_checkpointing", "false",
+           "--eval_split", "none", "--logging_steps", "1", "--dataloader_num_workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, started = watch_stderr(proc, 400)
+    assert started.wait(240), "".join(lines)[-3000:]
+    proc.send_signal(sig)  # the dataloader workers are left alone, as a scheduler's signal to the process would be
+    assert proc.wait(120) == 128 + sig, "".join(lines)[-3000:]
+    said = next(line for line in lines if "stopped by" in line)
+    step = int(said.split(" at step ")[1].split()[0])
+    assert f"stopped by {signal.Signals(sig).name} at step {step} of 400" in said and "--resume_from_checkpoint auto" in said
+    assert 1 <= step < 400 and (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (out / "train_summary.json").exists()  # the run is not done
+    # the same command resumes from there (a little further, to keep the test short)
+    limit = ["--max_steps", str(step + 2)]
+    res = subprocess.run([*cmd[:cmd.index("--max_steps")], *limit, *cmd[cmd.index("--max_steps") + 2:],
+                          "--resume_from_checkpoint", "auto"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == step + 2 and summary["resumed_from_step"] == step
