@@ -39,7 +39,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     from stagereason.console import report
     from stagereason.data_gen.records import atomic_write_text
-    from stagereason.infer.reasoner import Reasoner, load_image
+    from stagereason.infer.reasoner import Reasoner, check_search_before_loading, load_image
     from stagereason.infer.search import check_options
     from stagereason.stages import answers_match
     from stagereason.train.data import load_rows
@@ -49,6 +49,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size {cfg.batch_size}: must be at least 1")
     check_options(cfg.search, cfg.beam_size, cfg.judge, cfg.max_stage_tokens, cfg.temperature)  # before loading
+    check_search_before_loading(cfg.model, cfg.adapter, cfg.search)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; choose a folder for predictions.jsonl and report.json")

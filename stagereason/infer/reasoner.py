@@ -63,11 +63,9 @@ class Reasoner:
                  top_p: float = 0.95):
         from stagereason.infer.decode import drop_unapplied_processing, mllama_parts
 
-        if mllama_parts(model)[0] is None:
-            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-            raise ValueError(f"infer and eval run Llama-3.2-Vision (Mllama) models, and this is a {kind!r} model: "
-                             "staged decoding reuses Mllama's cross-attention image states (train and export "
-                             "handle other VLMs)")
+        # other VLMs answer greedily (batched generate, stage by stage); the searches reuse Mllama's image states
+        self.kind = None if mllama_parts(model)[0] is not None else getattr(
+            getattr(model, "config", None), "model_type", type(model).__name__)
         _needs_chat_template(processor)
         self.model, self.processor = model.eval(), processor
         dropped = drop_unapplied_processing(model)
@@ -118,6 +116,11 @@ class Reasoner:
         """
         from stagereason.infer.search import run_search
 
+        self._check_search(search)
+        if self.kind is not None:  # greedy on another VLM: the batched path, one question
+            return self.answer_batch([(image, question)], batch_size=1, search=search, beam_size=beam_size,
+                                     judge=judge, seed=seed, max_stage_tokens=max_stage_tokens,
+                                     temperature=temperature)[0]
         images, question = _prepared(image, question)
         if seed is not None:
             random.seed(seed)
@@ -140,8 +143,10 @@ class Reasoner:
         strategies batch within a question (candidates, judge comparisons) and
         take the questions in turn.
         """
-        if kwargs.get("search", "stage") != "greedy" or len(items) < 2 or batch_size < 2:
+        self._check_search(kwargs.get("search", "stage"))
+        if self.kind is None and (kwargs.get("search", "stage") != "greedy" or len(items) < 2 or batch_size < 2):
             return [self.answer(image, question, **kwargs) for image, question in items]
+        batch_size = max(batch_size, 1)
         from stagereason.infer.search import check_options, run_greedy_batch
 
         options = inspect.signature(self.answer).bind(None, "", **kwargs)  # TypeError on an unknown option
@@ -164,6 +169,36 @@ class Reasoner:
                 usage = _usage(log, encode_s, seconds, search="greedy", beam_size=1, judge=None, batched=len(outs))
                 results.append(ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage))
         return results
+
+
+    def _check_search(self, search: str) -> None:
+        if self.kind is not None:
+            refuse_search(self.kind, search)
+
+
+def refuse_search(model_type: str, search: str) -> None:
+    """Raise ValueError when ``search`` cannot run on a ``model_type`` model (only Mllama runs every search)."""
+    if model_type != "mllama" and search != "greedy":
+        raise ValueError(f"search {search!r} runs on Llama-3.2-Vision (Mllama) models, and this is a {model_type!r} "
+                         "model: the searches reuse Mllama's cross-attention image states; use search 'greedy' "
+                         "(--search greedy)")
+
+
+def check_search_before_loading(path: str | Path, adapter: str | Path | None, search: str) -> None:
+    """:func:`refuse_search` from the model's config alone (a run dir's recorded base for an adapter run), so that
+    a search the model cannot run is refused before it loads; a config that cannot be read is left to loading."""
+    from transformers import AutoConfig
+
+    from stagereason.modeling import recorded_base
+
+    run = Path(path)
+    try:
+        if adapter is None and (run / "adapter_config.json").is_file() and not (run / "config.json").is_file():
+            path = recorded_base(run) or path
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError):
+        return
+    refuse_search(model_type, search)
 
 
 def _needs_chat_template(processor) -> None:

@@ -108,13 +108,14 @@ section{{border-top:2px solid #444;margin-top:1.5em}}</style></head><body>
 
 def run_infer(cfg: InferConfig) -> dict:
     """Answer one question; print the stages (or JSON); optionally write the HTML search tree."""
-    from stagereason.infer.reasoner import Reasoner, load_image
+    from stagereason.infer.reasoner import Reasoner, check_search_before_loading, load_image
     from stagereason.infer.search import check_options
 
     if not cfg.question.strip():
         raise ValueError("--question is empty")
     # bad options, a missing or unreadable image, or nowhere to write the page fail before the model loads
     check_options(cfg.search, cfg.beam_size, cfg.judge, cfg.max_stage_tokens, cfg.temperature)
+    check_search_before_loading(cfg.model, cfg.adapter, cfg.search)
     image = None if cfg.image is None else load_image(cfg.image)
     if cfg.html and Path(cfg.html).is_dir():
         raise ValueError(f"--html {cfg.html} is a folder; name the page's file, e.g. {Path(cfg.html) / 'search.html'}")

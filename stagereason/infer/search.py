@@ -176,7 +176,9 @@ class _Row:
 
 
 def _left_padded(rows: list[_Row], pad_id: int) -> dict:
-    """One batch of the rows' prompts plus answers so far, left-padded; Mllama's image inputs stacked."""
+    """One batch of the rows' prompts plus answers so far, left-padded; the image inputs joined: Mllama's
+    stacked (its cross-attention mask extended over the answers), another VLM's concatenated (pixel values,
+    image grids and sizes), its per-token image types padded and extended like the ids (answers are text)."""
     import torch
 
     seqs = [torch.cat([r.inputs["input_ids"][0], torch.tensor(r.new, dtype=torch.long,
@@ -187,7 +189,17 @@ def _left_padded(rows: list[_Row], pad_id: int) -> dict:
     batch = {"input_ids": torch.stack([torch.cat([s.new_full((p,), pad_id), s]) for s, p in pairs]),
              "attention_mask": torch.stack([torch.cat([s.new_zeros(p), s.new_ones(len(s))]) for s, p in pairs])}
     first = rows[0].inputs
-    if "pixel_values" in first:
+    if "cross_attention_mask" not in first:  # not Mllama (or Mllama without an image: nothing more)
+        for key, value in first.items():
+            if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
+                continue
+            if value.shape == first["input_ids"].shape and not value.is_floating_point():  # per token
+                batch[key] = torch.stack([torch.cat([v.new_zeros(p), v, v.new_zeros(len(s) - len(v))])
+                                          for v, s, p in zip((r.inputs[key][0] for r in rows), seqs, pad,
+                                                             strict=True)])
+            else:
+                batch[key] = torch.cat([r.inputs[key] for r in rows])
+    elif "pixel_values" in first:
         for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
             batch[key] = torch.cat([r.inputs[key] for r in rows])
         masks = []

@@ -337,19 +337,64 @@ def test_eval_skip_invalid_drops_the_rows_its_error_names(tiny_dir, tmp_path, ca
     assert report["n"] == 3
 
 
-@pytest.mark.parametrize("verb", ["infer", "eval"])
-def test_a_model_other_than_llama_vision_is_refused_by_name(tmp_path, image, capsys, verb):
-    # staged decoding reuses Mllama's cross-attention image states; another VLM (trained and exported fine) got
-    # a KeyError from eval deep in batching before
+@pytest.fixture(scope="module", params=["llava_next", "gemma3", "qwen2_5_vl"])
+def other_vlm(request, tmp_path_factory):
+    """(model dir, model type) of a tiny VLM other than Llama-3.2-Vision (Qwen-VL needs torchvision)."""
+    from tests.train.tiny_gemma3 import build_tiny_gemma3
     from tests.train.tiny_llava_next import build_tiny_llava_next
+    from tests.train.tiny_qwen_vl import build_tiny_qwen_vl
 
-    model = build_tiny_llava_next(tmp_path / "llava")
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    if request.param == "qwen2_5_vl":
+        pytest.importorskip("torchvision", reason="Qwen-VL's processor needs torchvision")
+        return build_tiny_qwen_vl(out, "2.5"), request.param
+    return {"llava_next": build_tiny_llava_next, "gemma3": build_tiny_gemma3}[request.param](out), request.param
+
+
+def test_other_vlms_answer_greedily_in_batches_as_one_at_a_time(other_vlm, image):
+    # left padding, the images of rows of different sizes joined, per-token image types padded and extended
+    model, model_type = other_vlm
+    r = Reasoner.from_pretrained(model, dtype="fp32", max_stage_tokens=MAX)
+    wide = Image.open(image).convert("RGB").resize((200, 90))
+    items = [(image, "How many red objects are there?"), (wide, "What colour is the big one?"), (None, "2+2?")]
+    one = [r.answer(im, q, search="greedy") for im, q in items]
+    batched = r.answer_batch(items, search="greedy", batch_size=3)
+    assert [a.text for a in batched] == [a.text for a in one]
+    for res in one:  # every stage opened and closed, each decoded up to the cap
+        assert [step["stage"] for step in res.search_log] == list(STAGES)
+        assert all(s in res.text for s in ("<SUMMARY>", "</SUMMARY>", "<CONCLUSION>", "</CONCLUSION>"))
+        assert res.usage["total_tokens"] > 0
+    with pytest.raises(ValueError, match=f"this is a '{model_type}' model.*search 'greedy'"):
+        r.answer(image, "How many?", search="stage")
+    with pytest.raises(ValueError, match="search 'best_of_n'"):
+        r.answer_batch(items, search="best_of_n")
+
+
+@pytest.mark.parametrize("verb", ["infer", "eval"])
+def test_other_vlms_run_the_verbs_greedily_and_a_search_is_refused_before_loading(other_vlm, tmp_path, image,
+                                                                                     capsys, monkeypatch, verb):
+    import stagereason.modeling
+
+    model, model_type = other_vlm
+    assert main(["gen", "--out", str(tmp_path / "data"), "--n", "3", "--no_progress"]) == 0
     if verb == "infer":
-        args = ["infer", "--model", str(model), "--image", str(image), "--question", "How many?"]
+        args = ["infer", "--model", str(model), "--image", str(image), "--question", "How many?", "--json"]
     else:
-        assert main(["gen", "--out", str(tmp_path / "data"), "--n", "2", "--no_progress"]) == 0
-        args = ["eval", "--model", str(model), "--data", str(tmp_path / "data"), "--search", "greedy",
-                "--out", str(tmp_path / "ev"), "--no_progress"]
+        args = ["eval", "--model", str(model), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ev"),
+                "--no_progress", "--json"]
+    args += ["--max_stage_tokens", str(MAX)]
     capsys.readouterr()
-    assert main(args) == 1
-    assert "'llava_next' model" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+    assert main([*args, "--search", "greedy"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    if verb == "infer":
+        assert {"summary", "caption", "reasoning", "conclusion", "answer"} <= set(printed)
+        assert [step["stage"] for step in printed["search"]] == list(STAGES)
+    else:
+        assert printed["n"] == 3 and printed["format_rate"] == 1.0 and printed["search"] == "greedy"
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(stagereason.modeling, "load_model", no_model)
+    assert main([*args, "--force"] if verb == "eval" else args) == 1  # the default search: stage
+    assert f"this is a '{model_type}' model" in capsys.readouterr().err
