@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of bench/gpu_11b.py in one call, within a time budget: build the random 11B model, QLoRA
 # training at 2048 tokens x 2 rows with its memory trace, the same with PyTorch's expandable segments, then stage
-# beam search against greedy. Each step prints one JSON line and keeps it in $OUT (or bench/out); a step that
-# would start after BUDGET_S seconds is skipped and says so.
+# beam search against greedy. Each step prints one JSON line and keeps it in $OUT (or bench/out). The whole call
+# keeps to BUDGET_S seconds (from the script's start): a step that would start later is skipped, and one running
+# when it is up is stopped (timeout's status 124); the script exits 1 when a step did not finish well.
 #
 #   bash bench/gpu_session.sh                  # on a GPU machine, from the repository's root
 #   ARCH=test SEQ=256 TRAIN_FLAGS="--max_image_tiles 2" bash bench/gpu_session.sh   # the tiny `test` model, a CPU
@@ -27,24 +28,27 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 mkdir -p "$OUT"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$OUT/site" \
+    .whl/*.whl || exit 1
+  export PYTHONPATH="$OUT/site:$PYTHONPATH"
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$OUT/device.txt"
 
-start=$(date +%s)
+failed=0
 step() {  # step NAME ARGS...: one bench call, its last line (the JSON) kept as $OUT/NAME.json
-  local name=$1
+  local name=$1 left=$((BUDGET_S - SECONDS)) t0=$SECONDS rc
   shift
-  if (($(date +%s) - start > BUDGET_S)); then
+  if ((left <= 0)); then
     echo "{\"step\": \"$name\", \"skipped\": \"past the ${BUDGET_S}s budget\"}" | tee "$OUT/$name.json"
+    echo "# $name: skipped" >>"$OUT/steps.txt"
+    failed=1
     return
   fi
-  local t0=$(date +%s)
-  python3 bench/gpu_11b.py "$@" --json 2>"$OUT/$name.err" | tail -n 1 | tee "$OUT/$name.json"
-  echo "# $name: rc ${PIPESTATUS[0]}, $(($(date +%s) - t0)) s" | tee -a "$OUT/steps.txt"
+  timeout "$left" python3 bench/gpu_11b.py "$@" --json 2>"$OUT/$name.err" | tail -n 1 | tee "$OUT/$name.json"
+  rc=${PIPESTATUS[0]}
+  ((rc == 0)) || failed=1
+  echo "# $name: rc $rc, $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
 }
 
 step build build "$MODEL" --arch "$ARCH"
@@ -52,3 +56,4 @@ step build build "$MODEL" --arch "$ARCH"
 step train_trace train "$MODEL" --seq "$SEQ" --memory_trace 12 "${TRAIN_FLAGS[@]}"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step train_expandable train "$MODEL" --seq "$SEQ" "${TRAIN_FLAGS[@]}"
 step infer infer "$MODEL" --max_stage_tokens 64 --repeats 2
+exit "$failed"

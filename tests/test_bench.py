@@ -22,7 +22,8 @@ def test_the_gpu_session_script_runs_every_gpu_11b_step_on_the_test_architecture
     # bench/gpu_session.sh is what a GPU machine runs (build, train with its memory trace, train with expandable
     # segments, infer); on the tiny `test` architecture every step runs on the CPU too
     env = {**os.environ, "OUT": str(tmp_path / "out"), "ARCH": "test", "SEQ": "256", "MODEL": str(tmp_path / "m"),
-           "TRAIN_FLAGS": "--max_image_tiles 2 --steps 2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "TRAIN_FLAGS": "--max_image_tiles 2 --steps 2", "BUDGET_S": "100000",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu_session.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -172,16 +172,17 @@ class Reasoner:
 
 
     def _check_search(self, search: str) -> None:
-        if self.kind is not None:
-            refuse_search(self.kind, search)
+        if self.kind is not None:  # whatever its type says: the searches need Mllama's parts, found here or not
+            refuse_search(self.kind, search, parts_found=False)
 
 
-def refuse_search(model_type: str, search: str) -> None:
-    """Raise ValueError when ``search`` cannot run on a ``model_type`` model (only Mllama runs every search)."""
-    if model_type != "mllama" and search != "greedy":
-        raise ValueError(f"search {search!r} runs on Llama-3.2-Vision (Mllama) models, and this is a {model_type!r} "
-                         "model: the searches reuse Mllama's cross-attention image states; use search 'greedy' "
-                         "(--search greedy)")
+def refuse_search(model_type: str, search: str, parts_found: bool = True) -> None:
+    """Raise ValueError when ``search`` cannot run on a ``model_type`` model: only Mllama runs every search (and
+    only when its parts are where the searches look for them)."""
+    if search != "greedy" and (model_type != "mllama" or not parts_found):
+        kind = f"a {model_type!r} model" if model_type != "mllama" else "an Mllama model whose parts were not found"
+        raise ValueError(f"search {search!r} runs on Llama-3.2-Vision (Mllama) models, and this is {kind}: the "
+                         "searches reuse Mllama's cross-attention image states; use search 'greedy' (--search greedy)")
 
 
 def check_search_before_loading(path: str | Path, adapter: str | Path | None, search: str) -> None:

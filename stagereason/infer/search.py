@@ -198,7 +198,7 @@ def _left_padded(rows: list[_Row], pad_id: int) -> dict:
                                           for v, s, p in zip((r.inputs[key][0] for r in rows), seqs, pad,
                                                              strict=True)])
             else:
-                batch[key] = torch.cat([r.inputs[key] for r in rows])
+                batch[key] = _joined([r.inputs[key] for r in rows])
     elif "pixel_values" in first:
         for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
             batch[key] = torch.cat([r.inputs[key] for r in rows])
@@ -209,6 +209,23 @@ def _left_padded(rows: list[_Row], pad_id: int) -> dict:
             masks.append(torch.cat([m.new_zeros((p, *m.shape[1:])), m]))
         batch["cross_attention_mask"] = torch.stack(masks)
     return batch
+
+
+def _joined(tensors: list):
+    """The rows' tensors of one image input concatenated along the first dimension, zero-padded at the end of
+    the others where the rows differ (LLaVA-NeXT's patches per image depend on its shape; the model drops the
+    padding by each image's size, as in the processor's own batches)."""
+    import torch
+
+    if len({t.shape[1:] for t in tensors}) == 1:
+        return torch.cat(tensors)
+    most = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        out = t.new_zeros((t.shape[0], *most))
+        out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+        padded.append(out)
+    return torch.cat(padded)
 
 
 def run_greedy_batch(model, processor, items: list[tuple[list, str]], *, max_stage_tokens: int = 256

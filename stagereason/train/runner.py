@@ -254,10 +254,12 @@ class _FrozenTowers(TrainerCallback):
 
 class _StopOnSignal(TrainerCallback):
     """SIGTERM (a scheduler's preemption, ``scancel``, ``kill``) or SIGINT (Ctrl-C) while training: finish the
-    step, save a checkpoint and stop, so that ``--resume_from_checkpoint auto`` goes on from there. A second
-    signal acts as usual (SIGINT: KeyboardInterrupt at once). Under a launcher the processes stop at the same
-    step: the flag is reduced over them at each optimizer step. Dataloader workers forked while it is installed
-    inherit the handler and keep serving batches (a terminal's Ctrl-C reaches them too)."""
+    step (skipping an evaluation it would start), save a checkpoint and stop, so that
+    ``--resume_from_checkpoint auto`` goes on from there. A second Ctrl-C stops at once (KeyboardInterrupt);
+    more SIGTERMs are the same request (a launcher forwards the one a scheduler also sends its workers). Under
+    a launcher the processes stop at the same step: the flag is reduced over them at each optimizer step. The
+    dataloader workers ignore both signals (:class:`_WorkersIgnoreStopSignals`); a signal that was ignored when
+    training started stays ignored."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -270,7 +272,10 @@ class _StopOnSignal(TrainerCallback):
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only: a run started from another thread keeps Python's handling
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if current is not None and current != signal.SIG_IGN:  # None: set outside Python, not restorable
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -278,15 +283,16 @@ class _StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:  # a dataloader worker: the training process decides
+        if os.getpid() != self._pid:  # a process forked from this one: the training process decides
             return
-        if self.received is not None:  # the second one: as if never caught
-            self.uninstall()
-            signal.raise_signal(signum)
+        if self.received is not None:
+            if signum == signal.SIGINT:  # Ctrl-C again: as if never caught
+                self.uninstall()
+                signal.raise_signal(signum)
             return
         self.received = signum
-        logger.warning("%s: training stops after this step, with a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name)
+        logger.warning("%s: training stops after this step, with a checkpoint%s", signal.Signals(signum).name,
+                       " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.received is not None
@@ -299,9 +305,30 @@ class _StopOnSignal(TrainerCallback):
                 stop = bool(flag.item())
         if stop:
             self.stopped_at = state.global_step
-            control.should_save = True
+            control.should_save = True  # whatever the save strategy (with "best", only when evaluating)
+            control.should_evaluate = False
             control.should_training_stop = True
         return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # the loop's break still ends the epoch: no evaluation, no second save
+            control.should_evaluate = control.should_save = False
+        return control
+
+
+class _WorkersIgnoreStopSignals:
+    """A dataloader ``worker_init_fn`` that leaves SIGTERM and SIGINT to the training process (a scheduler or a
+    terminal signals the whole process group): a worker killed by one ends the run with a DataLoader error
+    instead of a checkpoint. The workers still end with the loader, or with the training process."""
+
+    def __init__(self, init=None):
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in _StopOnSignal.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.init is not None:
+            self.init(worker_id)
 
 
 class StageSFTTrainer(SFTTrainer):
@@ -321,6 +348,13 @@ class StageSFTTrainer(SFTTrainer):
         self.stage_samples: list[dict] = []
         self._seen = None  # this process's [rows, tokens] trained on in this run (filler rows left out)
         self.eval_seconds = 0.0  # time spent in evaluations, to keep it out of the training rates
+
+    def _get_dataloader(self, *args, **kwargs):
+        loader = super()._get_dataloader(*args, **kwargs)
+        inner = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the DataLoader it holds
+        if inner.num_workers:
+            inner.worker_init_fn = _WorkersIgnoreStopSignals(inner.worker_init_fn)
+        return loader
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         labels, mask = inputs.get("labels"), inputs.get("attention_mask")
@@ -1024,7 +1058,11 @@ def run_train(cfg: TrainConfig) -> dict:
     finally:
         stop.uninstall()
         trainer.remove_callback(stop)
-    if stop.stopped_at is not None:  # stopped by a signal: a checkpoint, no run summary (the run is not done)
+    if stop.received is not None and stop.stopped_at is None:
+        logger.warning("the signal came after the last step: the run is saved as usual")
+    if stop.stopped_at is not None and stop.stopped_at >= trainer.state.max_steps:
+        logger.warning("the signal came at the last step: the run is saved as usual")
+    elif stop.stopped_at is not None:  # stopped by a signal: a checkpoint, no run summary (the run is not done)
         ckpt = Path(cfg.output_dir) / f"checkpoint-{stop.stopped_at}"
         name = signal.Signals(stop.received).name if stop.received else "a signal to another process"
         if trainer.is_world_process_zero():

@@ -356,9 +356,11 @@ def test_other_vlms_answer_greedily_in_batches_as_one_at_a_time(other_vlm, image
     model, model_type = other_vlm
     r = Reasoner.from_pretrained(model, dtype="fp32", max_stage_tokens=MAX)
     wide = Image.open(image).convert("RGB").resize((200, 90))
-    items = [(image, "How many red objects are there?"), (wide, "What colour is the big one?"), (None, "2+2?")]
+    square = Image.open(image).convert("RGB").resize((60, 60))  # LLaVA-NeXT: another number of patches than 60x40
+    items = [(image, "How many red objects are there?"), (wide, "What colour is the big one?"), (None, "2+2?"),
+             (square, "Is there a square?")]
     one = [r.answer(im, q, search="greedy") for im, q in items]
-    batched = r.answer_batch(items, search="greedy", batch_size=3)
+    batched = r.answer_batch(items, search="greedy", batch_size=4)
     assert [a.text for a in batched] == [a.text for a in one]
     for res in one:  # every stage opened and closed, each decoded up to the cap
         assert [step["stage"] for step in res.search_log] == list(STAGES)

@@ -264,7 +264,6 @@ def test_a_process_whose_batch_has_no_image_steps_with_the_others(tiny_dir, scen
 def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tiny_dir, scenes, tmp_path):
     # a scheduler may signal the processes at different moments, or only one: they agree on the step to stop
     # at (a deadlock otherwise: one waiting in the next step's collectives, the other in the checkpoint's)
-    import time
 
     import psutil
 
@@ -275,7 +274,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(t
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *map(str, args), "--max_steps", "300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines, started = watch_stderr(proc, 300)
+    lines, started, reader = watch_stderr(proc, 300)
     try:
         assert started.wait(240), "".join(lines)[-3000:]
         rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -286,7 +285,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(t
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    time.sleep(0.5)  # the reader thread's last lines
+    reader.join(30)
     said = next((line for line in lines if "stopped by" in line), None)
     assert said is not None, "".join(lines)[-3000:]
     step = int(said.split(" at step ")[1].split()[0])

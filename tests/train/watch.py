@@ -4,9 +4,10 @@ import re
 import threading
 
 
-def watch_stderr(proc, steps: int) -> tuple[list[str], threading.Event]:
-    """``(lines, started)``: ``proc``'s stderr lines as they come, and an event set once the training bar of
-    ``steps`` steps shows a finished step (not a loading bar)."""
+def watch_stderr(proc, steps: int) -> tuple[list[str], threading.Event, threading.Thread]:
+    """``(lines, started, reader)``: ``proc``'s stderr lines as they come, an event set once the training bar of
+    ``steps`` steps shows a finished step (not a loading bar), and the reading thread (join it once ``proc`` has
+    ended for every line)."""
     lines, started = [], threading.Event()
 
     def read():
@@ -15,5 +16,6 @@ def watch_stderr(proc, steps: int) -> tuple[list[str], threading.Event]:
             if re.search(rf"\b[1-9]\d*/{steps} \[", line):
                 started.set()
 
-    threading.Thread(target=read, daemon=True).start()
-    return lines, started
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines, started, reader
