@@ -139,12 +139,12 @@ print(r.answer("scene.png", "How many red objects?", search="stage", beam_size=4
 
 def run_export(cfg: ExportConfig) -> dict:
     """Merge (or convert), verify, and save atomically; returns the summary."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from stagereason.console import report
     from stagereason.data_gen.records import atomic_write_text
     from stagereason.fsio import atomic_dir, check_out_dir
-    from stagereason.modeling import _load_adapter, resolve_dtype
+    from stagereason.modeling import _load_adapter, load_processor, resolve_dtype
 
     run = Path(cfg.adapter)
     if not run.is_dir():
@@ -155,7 +155,7 @@ def run_export(cfg: ExportConfig) -> dict:
     if info["kind"] == "adapter" and not base:
         raise ValueError(f"{run} does not record its base model; pass --base")
     dtype = resolve_dtype(cfg.dtype)
-    processor = AutoProcessor.from_pretrained(run)
+    processor = load_processor(run, info.get("model_type"))  # an adapter run dir holds no model config
     with atomic_dir(cfg.out, force=cfg.force) as tmp:
         if info["kind"] == "adapter":
             try:

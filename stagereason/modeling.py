@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["choose_attention", "load_model", "non_quantized_modules", "resolve_dtype", "quantization_config"]
+__all__ = ["choose_attention", "load_model", "load_processor", "non_quantized_modules", "resolve_dtype",
+           "quantization_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,26 @@ _DTYPES = {
 _TOWER_NAMES = "vision_model|vision_tower|visual"
 _VISION_TOWER = re.compile(rf"(^|\.)({_TOWER_NAMES})$")
 _KEEP_FULL_PRECISION = re.compile(rf"(^|\.)({_TOWER_NAMES}|multi_modal_projector|mm_projector)$")
+
+
+# Models whose processor loads with the PIL image backend: transformers' torchvision Mllama image processor (the
+# default wherever torchvision is installed) mishandles a batch that mixes rows with and without an image (the
+# first row sets the image shape; rows without one lose their aspect-ratio entries), which the PIL one handles.
+_PIL_IMAGE_BACKEND = {"mllama"}
+
+
+def load_processor(name_or_path: str | Path, model_type: str | None = None):
+    """``AutoProcessor.from_pretrained``, with the PIL image backend for the models in ``_PIL_IMAGE_BACKEND``
+    (``model_type`` read from the config when not given)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if model_type is None:
+        try:
+            model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        except (OSError, ValueError):
+            model_type = None
+    kwargs = {"backend": "pil"} if model_type in _PIL_IMAGE_BACKEND else {}
+    return AutoProcessor.from_pretrained(name_or_path, **kwargs)
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
@@ -253,7 +274,7 @@ def load_model(
         FileNotFoundError: an adapter directory without ``adapter_config.json``, or a
             model that is neither a local directory nor reachable on the hub.
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     name_or_path = str(name_or_path)
     try:
@@ -266,7 +287,7 @@ def load_model(
         if adapter is not None and ((Path(adapter) / "processor_config.json").is_file()
                                     or (Path(adapter) / "tokenizer_config.json").is_file()):
             processor_src = str(adapter)
-        processor = AutoProcessor.from_pretrained(processor_src)
+        processor = load_processor(processor_src, config.model_type)
     if check_processor is not None:
         check_processor(processor)
     cls = _model_class(config)

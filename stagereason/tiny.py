@@ -376,10 +376,12 @@ def smoke_generate(path: str | Path, max_new_tokens: int = 8) -> dict:
         ``{"generated_tokens": int, "image_changes_logits": bool}``.
     """
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from stagereason.modeling import load_processor
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     logits = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["Prefix", "encode_prompt", "filler_row", "float_dtype", "generate_greedy", "generate_greedy_shared",
-           "user_message"]
+           "images_first", "user_message"]
 
 
 def user_message(question: str, n_images: int = 1) -> list[dict]:
@@ -27,6 +27,16 @@ def filler_row() -> dict:
     from PIL import Image
 
     return {"messages": user_message(".", 1), "images": [Image.new("RGB", (32, 32), "white")]}
+
+
+def images_first(items: list, images_of) -> list:
+    """``items`` with the ones that have images (``images_of(item)`` not empty) first, otherwise in their order.
+
+    A batch for the processor should start with a row that has an image: transformers' Mllama image processor
+    (the torchvision one, loaded wherever torchvision is installed) takes the image shape from the first row and
+    fails (IndexError) when that row has none.
+    """
+    return sorted(items, key=lambda item: not images_of(item))
 
 
 def float_dtype(model) -> torch.dtype:
@@ -62,6 +72,8 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
             keep = len(chunk)
             if synced_gpus and not any(imgs for imgs, _ in chunk):
                 chunk = [*chunk, (filler_row()["images"], ".")]
+            order = [k for k, _ in images_first(list(enumerate(chunk)), lambda kc: kc[1][0])]  # answers: in order
+            chunk = [chunk[k] for k in order]
             texts = [processor.apply_chat_template(user_message(q, len(imgs)), add_generation_prompt=True)
                      for imgs, q in chunk]
             images = [imgs for imgs, _ in chunk]
@@ -72,7 +84,9 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
                 inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tok.pad_token_id, synced_gpus=synced_gpus)
-            outs += tok.batch_decode(out[:keep, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            back = dict(zip(order, answers, strict=True))
+            outs += [back[k] for k in range(keep)]
     finally:
         model.train(was_training)
     return outs

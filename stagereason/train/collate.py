@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from stagereason.infer.generate import filler_row
+from stagereason.infer.generate import filler_row, images_first
 from stagereason.train.data import open_image
 
 __all__ = ["StageCollator"]
@@ -51,12 +51,15 @@ class StageCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         resolve = self.source or (lambda ref: ref)
-        batch = [{"messages": ex["messages"], "images": [open_image(resolve(s), self.max_image_side, self.tiles)
-                                                         for s in ex["images"]]} for ex in examples]
-        filler = self.vision_every_batch and not any(ex["images"] for ex in examples)
-        if filler:
-            examples = [*examples, filler_row()]
-            batch.append({"messages": examples[-1]["messages"], "images": examples[-1]["images"]})
+        filler = filler_row() if self.vision_every_batch and not any(ex["images"] for ex in examples) else None
+        if filler is not None:
+            examples = [filler, *examples]
+        # rows with images first: transformers' Mllama image processor (the torchvision one, loaded wherever
+        # torchvision is installed) takes the image shape from the first row and fails on one without an image;
+        # the order of a training batch's rows changes nothing
+        examples = images_first(examples, lambda ex: ex["images"])
+        batch = [{"messages": ex["messages"], "images": ex["images"] if ex is filler else
+                  [open_image(resolve(s), self.max_image_side, self.tiles) for s in ex["images"]]} for ex in examples]
         if self._fast:
             out = self._plain(batch)
             mask = self._assistant_mask(examples, out["input_ids"], out["attention_mask"])
@@ -71,8 +74,8 @@ class StageCollator:
             _end_at_stop(out["labels"], out["input_ids"], self._stops)
         if self.vocab_size is not None:
             out["labels"][out["labels"] >= self.vocab_size] = -100
-        if filler:
-            out["labels"][-1] = -100
+        if filler is not None:
+            out["labels"][next(k for k, ex in enumerate(examples) if ex is filler)] = -100
         return out
 
     def _assistant_mask(self, examples, input_ids, attention_mask) -> torch.Tensor | None:

@@ -919,8 +919,9 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
 
     Everything that can fail on the data fails before the model is loaded.
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
+    from stagereason.modeling import load_processor
     from stagereason.train.collate import StageCollator
     from stagereason.train.templates import training_chat_template
 
@@ -936,7 +937,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     if cfg.max_image_tiles is not None and not 1 <= cfg.max_image_tiles <= most:
         raise ValueError(f"--max_image_tiles {cfg.max_image_tiles}: {cfg.model_name_or_path} takes 1 to {most} "
                          "tiles per image")
-    processor = AutoProcessor.from_pretrained(cfg.model_name_or_path)
+    processor = load_processor(cfg.model_name_or_path, model_config.model_type)
     template = training_chat_template(processor, model_config.model_type, cfg.chat_template_path)
     rendered = {id(r) for r in _token_lengths(train_rows + eval_rows, processor, template, rep, cfg.skip_invalid)}
     tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)

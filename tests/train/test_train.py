@@ -112,6 +112,34 @@ def test_the_trainers_own_batches_label_exactly_the_assistant_tokens(tiny_dir, s
     assert trainer.args.assistant_only_loss == (assistant_only == "true")  # recorded as asked
 
 
+def test_a_batch_whose_first_row_has_no_image_collates_and_generates(tiny_dir, scenes):
+    # transformers' Mllama image processor (the torchvision one, used wherever torchvision is installed) takes
+    # the image shape from the first row: a batch led by a row without an image failed with an IndexError.
+    # Rows with images now lead; labels stay exact, and generated answers come back in the items' order.
+    from stagereason.infer.generate import generate_greedy
+    from stagereason.modeling import load_model, load_processor
+
+    processor = load_processor(tiny_dir)  # as train loads it: the PIL image backend, torchvision or not
+    assert type(processor.image_processor).__name__ == "MllamaImageProcessorPil"
+    rows, _, _ = load_rows(str(scenes))
+    text_row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": "4"}]}], "images": []}
+    image_row = {"messages": rows[0].messages, "images": rows[0].images}
+    batch = StageCollator(processor, training_chat_template(processor, "mllama"), 64, 507)([text_row, image_row])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    assert [int((ids == image_id).sum()) for ids in batch["input_ids"]] == [1, 0]  # the image row leads
+    for k, row in enumerate((image_row, text_row)):
+        got = (batch["labels"][k] != -100).nonzero().flatten().tolist()
+        assert got == _expected_label_positions(processor, row["messages"])
+    model, processor = load_model(tiny_dir, dtype="fp32")
+    image = load_rows(str(scenes))[0][1].images[0]
+    from PIL import Image
+
+    items = [([], "2+2?"), ([Image.open(image).convert("RGB")], "How many?"), ([], "3+3?")]
+    together = generate_greedy(model, processor, items, max_new_tokens=6, batch_size=3)
+    assert together == [generate_greedy(model, processor, [item], max_new_tokens=6)[0] for item in items]
+
+
 def test_reported_loss_equals_hand_computed_cross_entropy(tiny_dir, scenes, tmp_path):
     setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "none"))
     trainer = setup.trainer
