@@ -150,17 +150,21 @@ def non_quantized_modules(config) -> list[str]:
     return keep + [out_name]
 
 
+def _named_vision_tower(model) -> tuple[str, torch.nn.Module] | tuple[None, None]:
+    return next(((name, m) for name, m in model.named_modules() if _VISION_TOWER.search(name)), (None, None))
+
+
 def vision_tower(model) -> torch.nn.Module | None:
     """The vision encoder of a loaded VLM (outermost module with a vision-tower name; not the projector)."""
-    return next((m for name, m in model.named_modules() if _VISION_TOWER.search(name)), None)
+    return _named_vision_tower(model)[1]
 
 
 def vision_linear_names(model) -> list[str]:
-    """The module names of every linear layer of the vision encoder (``vision_tower``), in model order."""
-    prefix = next((name for name, _ in model.named_modules() if _VISION_TOWER.search(name)), None)
-    if prefix is None:
+    """The full module names of every linear layer of the vision encoder (:func:`vision_tower`), in model order."""
+    prefix, tower = _named_vision_tower(model)
+    if tower is None:
         return []
-    return [n for n, m in model.named_modules() if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)]
+    return [f"{prefix}.{n}" for n, m in tower.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def quantization_config(config, quantization: str | None, compute_dtype: torch.dtype):

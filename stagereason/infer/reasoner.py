@@ -83,16 +83,9 @@ class Reasoner:
         ``path`` may be a base model, a merged export, a full fine-tune run dir,
         or a LoRA/QLoRA run dir alone (its recorded base is loaded under it).
         """
-        from stagereason.modeling import load_model, recorded_base
+        from stagereason.modeling import load_model
 
-        run = Path(path)
-        if adapter is None and (run / "adapter_config.json").is_file() and not (run / "config.json").is_file():
-            # an adapter run dir: load the base it records, then the adapter
-            base = recorded_base(run)
-            if not base:
-                raise ValueError(f"{run} is an adapter run dir that does not record its base model; pass the base "
-                                 "as the model and this dir as the adapter")
-            path, adapter = base, run
+        path, adapter = _base_and_adapter(path, adapter)
         model, processor = load_model(path, quantization=quantization, adapter=adapter, dtype=dtype,
                                       attn_implementation=attn_implementation, check_processor=_needs_chat_template)
         return cls(model, processor, **kwargs)
@@ -170,36 +163,45 @@ class Reasoner:
                 results.append(ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage))
         return results
 
-
     def _check_search(self, search: str) -> None:
         if self.kind is not None:  # whatever its type says: the searches need Mllama's parts, found here or not
-            refuse_search(self.kind, search, parts_found=False)
+            _refuse_search(self.kind, search)
 
 
-def refuse_search(model_type: str, search: str, parts_found: bool = True) -> None:
-    """Raise ValueError when ``search`` cannot run on a ``model_type`` model: only Mllama runs every search (and
-    only when its parts are where the searches look for them)."""
-    if search != "greedy" and (model_type != "mllama" or not parts_found):
-        kind = f"a {model_type!r} model" if model_type != "mllama" else "an Mllama model whose parts were not found"
-        raise ValueError(f"search {search!r} runs on Llama-3.2-Vision (Mllama) models, and this is {kind}: the "
-                         "searches reuse Mllama's cross-attention image states; use search 'greedy' (--search greedy)")
+def _refuse_search(kind: str, search: str) -> None:
+    """Only greedy decoding runs on a model whose Mllama parts (``decode.mllama_parts``) are not there."""
+    if search != "greedy":
+        raise ValueError(f"search {search!r} runs on Llama-3.2-Vision (Mllama) models, and this is a {kind!r} model: "
+                         "the searches reuse Mllama's cross-attention image states; use search 'greedy' "
+                         "(--search greedy)")
 
 
-def check_search_before_loading(path: str | Path, adapter: str | Path | None, search: str) -> None:
-    """:func:`refuse_search` from the model's config alone (a run dir's recorded base for an adapter run), so that
-    a search the model cannot run is refused before it loads; a config that cannot be read is left to loading."""
-    from transformers import AutoConfig
-
+def _base_and_adapter(path: str | Path, adapter: str | Path | None) -> tuple[str | Path, str | Path | None]:
+    """``(model, adapter)`` to load: a LoRA/QLoRA run dir given alone as the model is its recorded base plus
+    itself as the adapter."""
     from stagereason.modeling import recorded_base
 
     run = Path(path)
+    if adapter is None and (run / "adapter_config.json").is_file() and not (run / "config.json").is_file():
+        base = recorded_base(run)
+        if not base:
+            raise ValueError(f"{run} is an adapter run dir that does not record its base model; pass the base "
+                             "as the model and this dir as the adapter")
+        return base, run
+    return path, adapter
+
+
+def check_search_before_loading(path: str | Path, adapter: str | Path | None, search: str) -> None:
+    """Refuse a search the model cannot run from its config alone, before it loads (an adapter run dir: its
+    recorded base's config); a config that cannot be read is left to loading, which names the problem."""
+    from transformers import AutoConfig
+
     try:
-        if adapter is None and (run / "adapter_config.json").is_file() and not (run / "config.json").is_file():
-            path = recorded_base(run) or path
-        model_type = AutoConfig.from_pretrained(path).model_type
+        model_type = AutoConfig.from_pretrained(_base_and_adapter(path, adapter)[0]).model_type
     except (OSError, ValueError):
         return
-    refuse_search(model_type, search)
+    if model_type != "mllama":
+        _refuse_search(model_type, search)
 
 
 def _needs_chat_template(processor) -> None:

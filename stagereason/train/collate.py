@@ -74,8 +74,8 @@ class StageCollator:
             _end_at_stop(out["labels"], out["input_ids"], self._stops)
         if self.vocab_size is not None:
             out["labels"][out["labels"] >= self.vocab_size] = -100
-        if filler is not None:
-            out["labels"][next(k for k, ex in enumerate(examples) if ex is filler)] = -100
+        if filler is not None:  # the batch's one row with an image: it leads
+            out["labels"][0] = -100
         return out
 
     def _assistant_mask(self, examples, input_ids, attention_mask) -> torch.Tensor | None:

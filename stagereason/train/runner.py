@@ -41,6 +41,8 @@ EVAL_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "en
                 "num_tokens", "aux_loss"}
 STAGE_METRICS = {"format_rate", "accuracy", "text_only_accuracy"}
 REPORT_PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml", "azure_ml": "azureml-core"}
+
+
 def _f(default, help):  # noqa: A002 - argparse's word
     return dataclasses.field(default=default, metadata={"help": help})
 
