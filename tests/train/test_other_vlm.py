@@ -303,3 +303,13 @@ def test_vision_lora_adapts_every_linear_layer_of_each_vlms_vision_encoder(name,
     cfg.vision_lora = False
     plain = get_peft_model(AutoModelForImageTextToText.from_pretrained(path), _peft_config(cfg, model))
     assert not any(hasattr(m, "lora_A") for m in vision_tower(plain).modules())
+
+
+def test_vision_lora_on_a_model_without_a_vision_encoder_is_refused_by_name(tmp_path):
+    from stagereason.train.runner import TrainConfig, _peft_config
+
+    cfg = TrainConfig(model_name_or_path="text-model", dataset="d", output_dir=str(tmp_path), peft="lora",
+                      vision_lora=True)
+    text_only = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="--vision_lora: text-model has no vision encoder"):
+        _peft_config(cfg, text_only)

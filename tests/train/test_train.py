@@ -118,6 +118,7 @@ def test_a_batch_whose_first_row_has_no_image_collates_and_generates(tiny_dir, s
     # Rows with images now lead; labels stay exact, and generated answers come back in the items' order.
     from stagereason.infer.generate import generate_greedy
     from stagereason.modeling import load_model, load_processor
+    from stagereason.train.data import open_image
 
     processor = load_processor(tiny_dir)  # as train loads it: the PIL image backend, torchvision or not
     assert type(processor.image_processor).__name__ == "MllamaImageProcessorPil"
@@ -132,10 +133,7 @@ def test_a_batch_whose_first_row_has_no_image_collates_and_generates(tiny_dir, s
         got = (batch["labels"][k] != -100).nonzero().flatten().tolist()
         assert got == _expected_label_positions(processor, row["messages"])
     model, processor = load_model(tiny_dir, dtype="fp32")
-    image = load_rows(str(scenes))[0][1].images[0]
-    from PIL import Image
-
-    items = [([], "2+2?"), ([Image.open(image).convert("RGB")], "How many?"), ([], "3+3?")]
+    items = [([], "2+2?"), ([open_image(rows[1].images[0])], "How many?"), ([], "3+3?")]
     together = generate_greedy(model, processor, items, max_new_tokens=6, batch_size=3)
     assert together == [generate_greedy(model, processor, [item], max_new_tokens=6)[0] for item in items]
 
