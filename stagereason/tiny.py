@@ -381,7 +381,7 @@ def smoke_generate(path: str | Path, max_new_tokens: int = 8) -> dict:
     from stagereason.modeling import load_processor
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    processor = load_processor(path)
+    processor = load_processor(path, model.config.model_type)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     logits = []
