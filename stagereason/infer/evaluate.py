@@ -32,23 +32,16 @@ class EvalConfig(SearchOptions):
     json: bool = _f(False, "Print the report as one JSON object.")
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Answer every row with the chosen search; score with ``answers_match``; write predictions and a report."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from stagereason.console import report
-    from stagereason.data_gen.records import atomic_write_text
-    from stagereason.infer.reasoner import Reasoner, check_search_before_loading, load_image
+def _check(cfg: EvalConfig) -> Path:
+    """Refuse bad options and an existing report before any model loads; returns the output folder."""
+    from stagereason.infer.reasoner import check_search_before_loading
     from stagereason.infer.search import check_options
-    from stagereason.stages import answers_match
-    from stagereason.train.data import load_rows
 
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit {cfg.limit}: must be at least 1 (leave it out to evaluate every row)")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size {cfg.batch_size}: must be at least 1")
-    check_options(cfg.search, cfg.beam_size, cfg.judge, cfg.max_stage_tokens, cfg.temperature)  # before loading
+    check_options(cfg.search, cfg.beam_size, cfg.judge, cfg.max_stage_tokens, cfg.temperature)
     check_search_before_loading(cfg.model, cfg.adapter, cfg.search)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -56,24 +49,29 @@ def run_eval(cfg: EvalConfig) -> dict:
     for name in ("report.json", "predictions.jsonl"):
         if (out / name).exists() and not cfg.force:
             raise FileExistsError(f"{out / name} exists; pass --force to replace it or choose another --out")
-    rows, _, source = load_rows(cfg.data, cfg.image_root, check_images=False, skip_invalid=cfg.skip_invalid)
-    rows = rows[: cfg.limit] if cfg.limit is not None else rows
-    if not rows:
-        raise ValueError(f"no rows in {cfg.data}")
-    reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,
-                                        max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature)
-    out.mkdir(parents=True, exist_ok=True)
-    preds, errors, fam = [], [], defaultdict(lambda: {"n": 0, "correct": 0})
+    return out
+
+
+def _answer_rows(cfg: EvalConfig, reasoner, rows: list, source) -> tuple[list[dict], list[dict]]:
+    """Answer every row (greedy in batches, other searches one at a time) and score it; returns
+    ``(predictions, skipped rows)``. A missing or corrupt image is its row's failure, not the run's."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stagereason.infer.reasoner import load_image
+    from stagereason.stages import answers_match
+
+    preds, errors = [], []
     progress = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("acc {task.fields[acc]:.1%}"), console=Console(stderr=True),
                         disable=not cfg.progress)
+    step = cfg.batch_size if cfg.search == "greedy" else 1
     with progress:
         task = progress.add_task("eval", total=len(rows), acc=0.0)
-        step = cfg.batch_size if cfg.search == "greedy" else 1
         for start in range(0, len(rows), step):
             chunk, items = [], []
             for row in rows[start:start + step]:
-                try:  # a missing or corrupt image is this row's failure, not the run's
+                try:
                     items.append((load_image(source(row.images[0])) if row.images else None, row.question))
                     chunk.append(row)
                 except (FileNotFoundError, ValueError) as err:
@@ -90,25 +88,45 @@ def run_eval(cfg: EvalConfig) -> dict:
                                            judge=cfg.judge, seed=cfg.seed + start)]
             latency = (time.perf_counter() - t0) / len(chunk)  # a batch's wall time, shared by its questions
             for row, res in zip(chunk, results, strict=True):
-                correct = bool(row.answer) and answers_match(res.trace.conclusion, row.answer)
-                key = row.family or "all"
-                fam[key]["n"] += 1
-                fam[key]["correct"] += correct
                 preds.append({"id": row.id, "question": row.question, "answer": row.answer,
-                              "prediction": res.answer, "correct": correct, "format_ok": res.trace.ok,
-                              "tokens": res.usage["total_tokens"], "latency_s": round(latency, 4),
-                              "family": row.family, "text": res.text})
+                              "prediction": res.answer,
+                              "correct": bool(row.answer) and answers_match(res.trace.conclusion, row.answer),
+                              "format_ok": res.trace.ok, "tokens": res.usage["total_tokens"],
+                              "latency_s": round(latency, 4), "family": row.family, "text": res.text})
             progress.update(task, advance=len(chunk), acc=sum(p["correct"] for p in preds) / len(preds))
+    return preds, errors
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Answer every row with the chosen search; score with ``answers_match``; write predictions and a report."""
+    from stagereason.console import report
+    from stagereason.data_gen.records import atomic_write_text
+    from stagereason.infer.reasoner import Reasoner
+    from stagereason.train.data import load_rows
+
+    out = _check(cfg)
+    rows, _, source = load_rows(cfg.data, cfg.image_root, check_images=False, skip_invalid=cfg.skip_invalid)
+    rows = rows[: cfg.limit] if cfg.limit is not None else rows
+    if not rows:
+        raise ValueError(f"no rows in {cfg.data}")
+    reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,
+                                        max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature)
+    out.mkdir(parents=True, exist_ok=True)
+    preds, errors = _answer_rows(cfg, reasoner, rows, source)
     n = len(preds)
-    one_path = cfg.search in ("greedy", "sample")  # no candidates, no judge
     if not n:
         raise ValueError(f"no row of {cfg.data} could be answered; first problem: {errors[0]['error']}")
+    fam = defaultdict(lambda: {"n": 0, "correct": 0})
+    for p in preds:
+        fam[p["family"] or "all"]["n"] += 1
+        fam[p["family"] or "all"]["correct"] += p["correct"]
+    one_path = cfg.search in ("greedy", "sample")  # no candidates, no judge
     result = {
         "n": n, "skipped": len(errors), "skipped_rows": errors[:20], "accuracy": sum(p["correct"] for p in preds) / n,
         "format_rate": sum(p["format_ok"] for p in preds) / n,
         "mean_tokens": sum(p["tokens"] for p in preds) / n, "mean_latency_s": sum(p["latency_s"] for p in preds) / n,
         "search": cfg.search, "beam_size": 1 if one_path else cfg.beam_size, "judge": None if one_path else cfg.judge,
-        "batch_size": step, "model": cfg.model,
+        "batch_size": cfg.batch_size if cfg.search == "greedy" else 1, "model": cfg.model,
         "adapter": cfg.adapter, "data": cfg.data,
         "families": {k: {**v, "accuracy": v["correct"] / v["n"]} for k, v in sorted(fam.items())},
     }

@@ -241,7 +241,7 @@ def test_image_size_from_the_header_equals_the_opened_image(tmp_path):
 
 
 def test_a_deepspeed_checkpoint_that_cannot_be_read_is_named(tmp_path):
-    from stagereason.train.runner import _check_checkpoint_kind
+    from stagereason.train.rundir import _check_checkpoint_kind
 
     ckpt = tmp_path / "checkpoint-2"
     (ckpt / "global_step2").mkdir(parents=True)

@@ -192,7 +192,7 @@ def test_sharded_runs_save_whole_weights_and_resume_from_their_sharded_checkpoin
         base = AutoModelForImageTextToText.from_pretrained(tiny_dir).state_dict()
         assert any(not torch.equal(v, base[k]) for k, v in model.state_dict().items())
     # a sharded checkpoint of the other kind is named before anything loads
-    from stagereason.train.runner import _check_checkpoint_kind
+    from stagereason.train.rundir import _check_checkpoint_kind
 
     other = "none" if peft != "none" else "lora"
     with pytest.raises(ValueError, match=f"and this run is --peft {other}"):

@@ -23,9 +23,11 @@ from transformers import AutoProcessor
 from stagereason.cli import main
 from stagereason.config import parse_config
 from stagereason.train.collate import StageCollator
+from stagereason.train.config import _accelerator_available
 from stagereason.train.data import Row, load_rows
-from stagereason.train.runner import TrainConfig, _accelerator_available, build_trainer, run_train, text_only_guesser
+from stagereason.train.runner import TrainConfig, build_trainer, run_train
 from stagereason.train.templates import training_chat_template
+from stagereason.train.trainer import text_only_guesser
 
 from .watch import watch_stderr
 
@@ -308,7 +310,7 @@ def test_options_the_cpu_cannot_honour_are_named(tiny_dir, scenes, tmp_path, cap
         pytest.skip("about machines without a GPU")
     for flags in (["--bf16", "true"], ["--bf16"]):  # bare, as the plain boolean flags take it (it is `bool | None`)
         caplog.clear()
-        with caplog.at_level("WARNING", logger="stagereason.train.runner"):
+        with caplog.at_level("WARNING", logger="stagereason.train.config"):
             cfg = _cfg(tiny_dir, scenes, tmp_path / "run", *flags)
         assert not cfg.bf16 and "--bf16 is ignored: no GPU is visible" in caplog.text
     assert not _cfg(tiny_dir, scenes, tmp_path / "run", "--bf16", "false").bf16
@@ -334,11 +336,11 @@ def test_the_summary_describes_the_best_checkpoint_when_it_is_loaded_at_the_end(
 
 
 def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys, monkeypatch):
-    from stagereason.train import runner
+    from stagereason.train import rundir
 
     plotted = []
-    plot = runner._plot_loss
-    monkeypatch.setattr(runner, "_plot_loss", lambda history, path: (plotted.extend(history), plot(history, path)))
+    plot = rundir._plot_loss
+    monkeypatch.setattr(rundir, "_plot_loss", lambda history, path: (plotted.extend(history), plot(history, path)))
     out = tmp_path / "run"
     assert main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(scenes), "--output_dir", str(out),
                  "--peft", "lora", "--max_steps", "2", "--per_device_train_batch_size", "4",
@@ -559,7 +561,7 @@ def _load_shrunk(model, ckpt, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from stagereason.train.runner import _load_full_weights
+    from stagereason.train.trainer import _load_full_weights
 
     bad = tmp_path / "bad-ckpt"
     shutil.copytree(ckpt, bad)
@@ -570,7 +572,7 @@ def _load_shrunk(model, ckpt, tmp_path):
 
 
 def test_auto_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
-    from stagereason.train.runner import last_complete_checkpoint
+    from stagereason.train.rundir import last_complete_checkpoint
 
     for step, state in ((5, '{"global_step": 5}'), (10, '{"global_st'), (15, None)):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -859,7 +861,7 @@ def test_the_text_only_guess_is_the_commonest_answer_to_the_same_question_else_o
 def test_the_loss_plot_of_a_run_shorter_than_logging_steps_shows_its_mean_loss(tmp_path, monkeypatch, recwarn):
     import matplotlib.pyplot as plt
 
-    from stagereason.train.runner import _plot_loss
+    from stagereason.train.rundir import _plot_loss
 
     figures = []
     close = plt.close
