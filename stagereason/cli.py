@@ -107,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = parse_config(verb.configs(), rest, prog=f"stagereason {name}", description=verb.help,
                                positionals=verb.positionals)
-        result = verb.run()(*configs)
+        if any(getattr(c, "json", False) for c in configs):
+            from stagereason.console import json_stdout
+
+            with json_stdout():
+                result = verb.run()(*configs)
+        else:
+            result = verb.run()(*configs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

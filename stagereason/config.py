@@ -46,7 +46,10 @@ def _suggest(name: str, known: list[str]) -> str:
     bare = name.lstrip("-")
     if bare in RENAMED:
         return f" (transformers 5 / TRL 1 replaced it: use {RENAMED[bare]})"
-    return did_you_mean(name, known)
+    # a name of the same family first (--lora_rank: --lora_r, not --local_rank)
+    head = bare.split("_")[0]
+    family = [k for k in known if k.lstrip("-").split("_")[0] == head]
+    return (did_you_mean(name, family, cutoff=0.5) if family else "") or did_you_mean(name, known)
 
 
 def make_parser(types: tuple[type, ...], prog: str, description: str, positionals: tuple[str, ...] = ()):
@@ -136,16 +139,18 @@ def parse_config(types: tuple[type, ...], argv: list[str], *, prog: str = "stage
     if pre.config:
         defaults = _check_yaml_values(parser, load_yaml_config(pre.config, types), pre.config)
         parser.set_defaults_with_config(**defaults)
-    try:
-        *objs, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prog}: {err}") from err
+    # unknown flags first: the dataclasses' own checks would otherwise complain about what a misspelt flag left out
+    _, remaining = parser.parse_known_args(args=args)
     if remaining:
         flags = [a for a in remaining if a.startswith("-")] or remaining
         known = [o for a in parser._actions for o in a.option_strings]
         bad = flags[0].split("=")[0]
         what = "unknown option" if bad.startswith("-") else "unexpected argument"
         raise ConfigError(f"{prog}: {what} {bad}{_suggest(bad, known)}; see {prog} --help")
+    try:
+        *objs, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prog}: {err}") from err
     return tuple(o for o in objs if not isinstance(o, argparse.Namespace))  # drop the --config namespace
 
 
@@ -184,14 +189,20 @@ def _pre_parser():
     return pre
 
 
-def dump_config(objs: tuple, path: str | Path) -> None:
-    """Write the resolved config of a run as YAML (one mapping, every field)."""
+def dump_config(objs: tuple, path: str | Path, paths: tuple[str, ...] = ()) -> None:
+    """Write the resolved config of a run as YAML (one mapping, every field); the options named in ``paths`` that
+    name a local file or folder are written as absolute paths, so that the file reloads from anywhere."""
+    from stagereason.fsio import local_or_name
+
     merged: dict[str, Any] = {}
     for obj in objs:
         d = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
         # transformers' to_dict hides *_token values behind "<NAME>" placeholders; written back they would be read
         # as real tokens, so they are left out (a hub token is a secret anyway)
         merged.update({k: v for k, v in d.items() if not (k.endswith("_token") and v == f"<{k.upper()}>")})
+    for name in paths:
+        if isinstance(merged.get(name), str):
+            merged[name] = local_or_name(merged[name])
 
     class _NoAliases(yaml.SafeDumper):  # equal dicts written out in full, not as &id001 / *id001
         def ignore_aliases(self, data):

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
 
-__all__ = ["report"]
+__all__ = ["json_stdout", "print_json", "report"]
+
+_json_out = None  # where JSON results go while json_stdout() sends everything else to stderr
+
+
+@contextlib.contextmanager
+def json_stdout():
+    """Keep standard output for the JSON result alone: whatever else is printed meanwhile (libraries' notices,
+    the trainer's metrics) goes to standard error, so that ``VERB --json | jq`` reads one object."""
+    global _json_out
+    previous, _json_out = _json_out, sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_out = previous
+
+
+def print_json(data: Any, **kwargs) -> None:
+    """Print ``data`` as one JSON line on standard output (the real one, inside :func:`json_stdout`)."""
+    print(json.dumps(data, default=str, **kwargs), file=_json_out or sys.stdout, flush=True)
 
 
 def report(title: str, data: dict[str, Any], as_json: bool = False) -> None:
     """Print ``data`` as a two-column table titled ``title``, or as one JSON line."""
     if as_json:
-        print(json.dumps(data, default=str))
+        print_json(data)
         return
     from rich.console import Console
     from rich.table import Table

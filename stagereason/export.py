@@ -46,6 +46,14 @@ class ExportConfig:
     def __post_init__(self):
         if not self.adapter or not self.out:
             raise ValueError("--adapter RUN_DIR and --out DIR are required")
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:  # checked now, not once the model has merged
+            if convert_file_size_to_int(self.max_shard_size) <= 0:
+                raise ValueError("not above 0")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--max_shard_size {self.max_shard_size!r}: a size such as 5GB, 500MB or 200KB "
+                             f"({err})") from None
 
 
 def _run_info(run: Path) -> dict:
@@ -143,7 +151,7 @@ def run_export(cfg: ExportConfig) -> dict:
 
     from stagereason.console import report
     from stagereason.data_gen.records import atomic_write_text
-    from stagereason.fsio import atomic_dir, check_out_dir
+    from stagereason.fsio import atomic_dir, check_out_dir, inputs_inside
     from stagereason.modeling import _load_adapter, load_processor, resolve_dtype
 
     run = Path(cfg.adapter)
@@ -152,6 +160,10 @@ def run_export(cfg: ExportConfig) -> dict:
     info = _run_info(run)
     check_out_dir(cfg.out, cfg.force)  # refuse before any heavy work
     base = cfg.base or info.get("base_model")
+    inside = inputs_inside(cfg.out, [("--adapter", cfg.adapter), ("--base" if cfg.base else "the base model", base)])
+    if inside:
+        raise FileExistsError(f"--out {cfg.out} would replace this export's input ({', '.join(inside)}); choose "
+                              "another --out")
     if info["kind"] == "adapter" and not base:
         raise ValueError(f"{run} does not record its base model; pass --base")
     dtype = resolve_dtype(cfg.dtype)

@@ -8,11 +8,35 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["OutputExistsError", "atomic_dir", "check_out_dir"]
+__all__ = ["OutputExistsError", "atomic_dir", "check_out_dir", "inputs_inside", "local_or_name"]
 
 
 class OutputExistsError(FileExistsError):
     """The output directory exists and is not empty."""
+
+
+def local_or_name(name: str | None) -> str | None:
+    """A path that exists here, made absolute (a run records where its inputs are, wherever it is read from);
+    anything else (a hub name, a number, ``auto``) as given."""
+    if not name or not os.path.exists(name):
+        return name
+    return os.path.abspath(name)
+
+
+def inputs_inside(out: str | Path, inputs) -> list[str]:
+    """The inputs, given as ``(what, path)`` pairs, that are ``out`` itself or lie inside it (links followed).
+
+    A path that does not exist (a hub name, a number) holds nothing to lose and is never inside.
+    """
+    folder = os.path.realpath(out)
+    found = []
+    for what, path in inputs:
+        if not isinstance(path, (str, os.PathLike)) or not str(path) or not os.path.lexists(path):
+            continue
+        real = os.path.realpath(path)
+        if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
+            found.append(f"{what} {path}")
+    return found
 
 
 def check_out_dir(path: str | Path, force: bool, flag: str = "--force") -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["choose_attention", "load_model", "load_processor", "non_quantized_modules", "resolve_dtype",
+__all__ = ["choose_attention", "load_model", "load_processor", "model_config", "non_quantized_modules", "resolve_dtype",
            "quantization_config"]
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,13 @@ def recorded_base(run: str | Path) -> str | None:
     return None
 
 
+def _same_model(a: str | Path, b: str | Path) -> bool:
+    """The same name, or the same local folder however it is spelt."""
+    if str(a) == str(b):
+        return True
+    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+
+
 def _load_adapter(model, adapter: str | Path, name_or_path: str):
     from peft import PeftModel
 
@@ -230,12 +237,38 @@ def _load_adapter(model, adapter: str | Path, name_or_path: str):
     if not cfg_file.is_file():
         raise FileNotFoundError(f"adapter {adapter} has no adapter_config.json (is it a LoRA/QLoRA run dir?)")
     trained_on = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    if trained_on and not _same_model(trained_on, name_or_path):
+        # a same-shaped model (another fine-tune, this adapter's own merged export) takes it without complaint
+        logger.warning("adapter %s was trained on %s and is loaded on %s: a same-shaped base takes it, but the "
+                       "result is not the trained model unless the two hold the same weights", adapter, trained_on,
+                       name_or_path)
     try:
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(
             f"adapter {adapter} (trained on {trained_on!r}) does not fit base model {name_or_path!r}: {err}"
         ) from err
+
+
+def model_config(name_or_path: str | Path, flag: str = "model"):
+    """The model's config, or an error that says what ``name_or_path`` is instead.
+
+    Raises:
+        FileNotFoundError: a local folder without ``config.json`` (an adapter run dir is named as one), or a name
+            that is neither a local folder nor a hub model that can be reached.
+    """
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        what = (" (it is a LoRA/QLoRA run dir: give it as the adapter, or alone as the model)"
+                if (path / "adapter_config.json").is_file() else "")
+        raise FileNotFoundError(f"{flag} {name_or_path} is a folder without config.json, not a model{what}")
+    try:
+        return AutoConfig.from_pretrained(str(name_or_path))
+    except OSError as err:
+        raise FileNotFoundError(f"{flag} {name_or_path} is neither a local model directory nor a hub model that "
+                                f"can be reached ({type(err).__name__})") from err
 
 
 def load_model(
@@ -278,14 +311,8 @@ def load_model(
         FileNotFoundError: an adapter directory without ``adapter_config.json``, or a
             model that is neither a local directory nor reachable on the hub.
     """
-    from transformers import AutoConfig
-
     name_or_path = str(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except OSError as err:
-        raise FileNotFoundError(f"model {name_or_path} is neither a local model directory nor a hub model that "
-                                f"can be reached ({type(err).__name__})") from err
+    config = model_config(name_or_path)
     if processor is None:
         processor_src = name_or_path
         if adapter is not None and ((Path(adapter) / "processor_config.json").is_file()
@@ -301,10 +328,14 @@ def load_model(
     logger.info("loading %s as %s: dtype %s, quantization %s, attention %s (%s)",
                 name_or_path, cls.__name__, str(torch_dtype).removeprefix("torch."),
                 quantization or "none", attn, why)
-    model = cls.from_pretrained(
-        name_or_path, dtype=torch_dtype, attn_implementation=attn,
-        quantization_config=quant, device_map=_device_map(device_map, quant is not None),
-    )
+    try:
+        model = cls.from_pretrained(
+            name_or_path, dtype=torch_dtype, attn_implementation=attn,
+            quantization_config=quant, device_map=_device_map(device_map, quant is not None),
+        )
+    except OSError as err:  # no weights there (a config and processor alone), or none that can be fetched
+        raise FileNotFoundError(f"model {name_or_path}: its weights cannot be loaded ({str(err).splitlines()[0]})"
+                                ) from err
     if config.model_type == "mllama":
         skip_cross_attention_without_image(model)
     if adapter is not None:

@@ -238,8 +238,9 @@ _NUMBER_RE = re.compile(rf"^(?:[a-z]\s*=\s*)?({_NUMBER})\s*(%|°|[^\d\s][^\d\s]*
 _NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty".split())}
-_YES = {"yes", "y", "true", "correct", "right"}
-_NO = {"no", "n", "false", "incorrect", "wrong"}
+# not "right"/"wrong" (directions and judgements are answers of their own: "right" is no "yes"), nor "y"/"n"
+_YES = {"yes", "true", "correct"}
+_NO = {"no", "false", "incorrect"}
 
 
 def _strip_answer_phrase(s: str) -> str:

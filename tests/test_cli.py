@@ -138,6 +138,28 @@ def test_unknown_flag_is_an_error_with_suggestion():
         parse_config((_Opts,), ["--group_by_length", "true"])
 
 
+def test_a_misspelt_flag_is_named_before_the_options_it_left_out_are_missed(capsys):
+    # export's own check ("--adapter and --out are required") used to speak first, about the wrong thing
+    assert main(["export", "--adpter", "run", "--out", "x"]) == 2
+    assert "unknown option --adpter (did you mean '--adapter'?)" in capsys.readouterr().err
+    # a name of the same family comes first: --lora_r, not the closer-spelt --local_rank
+    assert main(["train", "--lora_rank", "8"]) == 2
+    assert "unknown option --lora_rank (did you mean '--lora_r'?)" in capsys.readouterr().err
+    # a shard size export could not write is refused now, not once the model has merged
+    assert main(["export", "--adapter", "run", "--out", "x", "--max_shard_size", "lots"]) == 2
+    assert "--max_shard_size 'lots': a size such as 5GB" in capsys.readouterr().err
+
+
+def test_json_output_is_the_one_object_alone(capsys):
+    from stagereason.console import json_stdout, print_json
+
+    with json_stdout():
+        print("a library's notice")
+        print_json({"a": 1})
+    out, err = capsys.readouterr()
+    assert out == '{"a": 1}\n' and err == "a library's notice\n"
+
+
 def test_bad_value_type_exits_with_argparse_error():
     with pytest.raises(SystemExit):
         parse_config((_Opts,), ["--beam_size", "many"])

@@ -111,6 +111,21 @@ def test_refuses_to_overwrite_and_force_replaces(runs, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_force_never_replaces_the_exports_own_input(tiny_dir, runs, tmp_path, capsys):
+    import shutil
+
+    run, base = tmp_path / "run", tmp_path / "base"
+    shutil.copytree(runs / "lora", run)
+    shutil.copytree(tiny_dir, base)
+    before = {p.name for p in run.iterdir()}
+    for args, named in ((["--adapter", str(run), "--out", str(run)], f"--adapter {run}"),
+                        (["--adapter", str(run), "--out", str(tmp_path)], f"--adapter {run}"),
+                        (["--adapter", str(run), "--base", str(base), "--out", str(base)], f"--base {base}")):
+        assert main(["export", *args, "--force"]) == 1
+        assert f"would replace this export's input ({named}" in capsys.readouterr().err
+    assert {p.name for p in run.iterdir()} == before and (base / "config.json").is_file()
+
+
 def test_an_adapter_whose_base_is_gone_is_named_and_infer_takes_the_recorded_base(tiny_dir, runs, tmp_path,
                                                                                    capsys):
     import shutil
@@ -150,3 +165,18 @@ def test_an_export_killed_midway_leaves_no_directory(runs, tmp_path):
     assert not out.exists()
     assert main(["export", "--adapter", str(runs / "lora"), "--out", str(out), "--dtype", "fp32"]) == 0
     assert (out / "model.safetensors").exists()
+
+
+def test_an_adapter_loaded_on_another_base_than_its_own_is_warned_about(tiny_dir, runs, tmp_path, caplog):
+    import shutil
+
+    from stagereason.modeling import load_model
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_dir, other)  # same shape, so PEFT takes the adapter without a word
+    with caplog.at_level("WARNING", logger="stagereason.modeling"):
+        load_model(tiny_dir, adapter=runs / "lora")
+    assert "was trained on" not in caplog.text  # its own base: nothing to say
+    with caplog.at_level("WARNING", logger="stagereason.modeling"):
+        load_model(other, adapter=runs / "lora")
+    assert f"adapter {runs / 'lora'} was trained on {tiny_dir} and is loaded on {other}" in caplog.text

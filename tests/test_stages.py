@@ -176,6 +176,9 @@ MISMATCHES = [
     ("C", "B"), ("A cat", "A"), ("(C)", "B"), ("Option C", "B"), ("5 MPa", "B"),
     ("6", "5"), ("5 apples and 3 oranges", "5"), ("0.49", "0.5"), ("fifty", "5"),
     ("No", "yes"), ("Yes", "no"), ("Maybe", "yes"), ("", "B"), ("red", ""), ("blue", "red"),
+    # a direction is no yes/no, and a stray letter is no answer
+    ("yes", "right"), ("right", "yes"), ("Correct", "right"), ("wrong colour", "no"), ("left", "right"),
+    ("n withONiang", "No"), ("y", "yes"),
 ]
 
 

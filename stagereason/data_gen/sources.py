@@ -52,6 +52,12 @@ class Example:
     single_image_field: bool = True  # the source wrote `image` as one string, not a list
 
 
+def image_field(row: dict):
+    """A row's image field as written: ``image`` (one path or a list), else ``images`` (the name ShareGPT and
+    LLaMA-Factory data use)."""
+    return row["image"] if row.get("image") is not None else row.get("images")
+
+
 def _unique_name(rid: str, taken: dict[str, int]) -> str:
     """``rid``, else the first free ``rid#1``, ``rid#2``...: unique against every name given so far.
 
@@ -93,16 +99,16 @@ def _as_choices(value) -> dict[str, str] | None:
 
 
 def _llava_row(row: dict, where: str, image_root: Path, seen: dict[str, int]) -> Example:
-    rid = str(row.get("id", where))
+    rid = str(row["id"]) if row.get("id") is not None else where
     key = _unique_name(rid, seen)  # duplicate ids in a source stay distinct records
-    extra = {k: v for k, v in row.items() if k not in ("id", "image", "conversations", "hints", "choices")}
+    extra = {k: v for k, v in row.items() if k not in ("id", "image", "images", "conversations", "hints", "choices")}
     ex = Example(id=key, images=[], turns=[], hints=_as_hints(row.get("hints")), extra=extra)
     try:
         ex.choices = _as_choices(row.get("choices"))
     except ValueError as err:
         ex.error = f"row {rid!r} ({where}): {err}"
         return ex
-    image = row.get("image")
+    image = image_field(row)
     ex.single_image_field = not isinstance(image, list)
     names = [] if image is None else image if isinstance(image, list) else [image]
     ex.image_names = [str(x) for x in names]
@@ -175,14 +181,38 @@ def _is_hf_disk(path: str | Path) -> bool:
     return any((Path(path) / name).is_file() for name in _HF_DISK_FILES)
 
 
-def _open_hf(path: str, split: str, name: str | None):
+HF_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow"}  # single data files ``datasets`` reads as tables
+
+
+def _open_hf(path: str, split: str | tuple[str, ...], name: str | None):
+    """One split of a HF dataset: a ``save_to_disk`` folder, a parquet / arrow file, or what ``load_dataset``
+    opens. ``split`` may list names in order of preference; a dataset with one split alone gives that one.
+
+    Raises:
+        ValueError: a dataset with several splits, none of them named in ``split`` (its splits are named).
+    """
     import datasets
 
+    want = (split,) if isinstance(split, str) else tuple(split)
     p = Path(path)
+    if p.is_file() and p.suffix in HF_FILE_TYPES:
+        return datasets.load_dataset(HF_FILE_TYPES[p.suffix], data_files=str(p), split="train")
     if _is_hf_disk(p):
         ds = datasets.load_from_disk(str(p))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(path, name, split=split)
+        return _pick_split(ds, want, path) if isinstance(ds, datasets.DatasetDict) else ds
+    if len(want) == 1:
+        return datasets.load_dataset(path, name, split=want[0])
+    return _pick_split(datasets.load_dataset(path, name), want, path)
+
+
+def _pick_split(ds, want: tuple[str, ...], path: str):
+    for split in want:
+        if split in ds:
+            return ds[split]
+    if len(ds) == 1:
+        return next(iter(ds.values()))
+    raise ValueError(f"{path} holds the splits {', '.join(ds)}, none of them {' or '.join(want)}: save the split "
+                     "to use on its own, or give its folder")
 
 
 def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_column: str | None = None,

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stagereason.data_gen.records import iter_records
-from stagereason.data_gen.sources import _HF_DISK_FILES, IMAGE_PLACEHOLDER, _unique_name
+from stagereason.data_gen.sources import _HF_DISK_FILES, IMAGE_PLACEHOLDER, _is_hf_disk, _unique_name, image_field
 from stagereason.stages import TraceFormatError, parse_trace
 
 __all__ = ["ValidateConfig", "ValidationReport", "check_dataset", "resolve_data_file", "run_validate"]
@@ -26,7 +26,8 @@ __all__ = ["ValidateConfig", "ValidationReport", "check_dataset", "resolve_data_
 class ValidateConfig:
     """Options of ``stagereason validate``."""
 
-    path: str = dataclasses.field(metadata={"help": "A gen output directory or a data.jsonl / .json file."})
+    path: str = dataclasses.field(metadata={"help": "A gen output directory, a data.jsonl / .json file, or a HF "
+                                                    "dataset (save_to_disk folder, parquet file, Hub name)."})
     image_root: str | None = dataclasses.field(
         default=None, metadata={"help": "Folder the rows' image paths are relative to (default: the file's folder)."})
     check_images: bool = dataclasses.field(default=True, metadata={"help": "Open and decode every image."})
@@ -137,6 +138,8 @@ def _check_image(src, name: str | None = None) -> str | None:
     """A problem with one image (a path, or a HF image cell), or None: decoded as training decodes it, small."""
     if not name:
         name = (src.get("name") or src.get("path") or "<bytes>") if isinstance(src, dict) else str(src)
+    if isinstance(src, Path) and src.is_dir():
+        return f"image {src} is a folder, not an image file"
     if isinstance(src, Path) and not src.is_file():
         return f"missing image {src}"
     if isinstance(src, dict) and not src.get("bytes") and not (src.get("path") and Path(src["path"]).is_file()):
@@ -163,16 +166,27 @@ def _check_turns(convs: list, row: str, report: ValidationReport) -> list | None
     for i, t in enumerate(turns):
         want = ("human", "user") if i % 2 == 0 else ("gpt", "assistant")
         role = t.get("from") if isinstance(t, dict) else None
+        if role is None and isinstance(t, dict) and "role" in t and "content" in t:
+            report.add(row, "roles", f"turn {i + 1} is written as role/content (chat messages); this layout is "
+                                     "LLaVA's: {\"from\": \"human\" | \"gpt\", \"value\": text}")
+            return None
         if role not in want:
             report.add(row, "roles", f"turn {i + 1} is {role!r}, expected {want[0]!r}")
             return None
-        if not isinstance(t.get("value"), str) or not t["value"].strip():
+        value = t.get("value")
+        if value is not None and not isinstance(value, str):
+            report.add(row, "empty_turn", f"turn {i + 1} ({role}) has a value of type {type(value).__name__}, "
+                                          "not text")
+        elif not value or not value.strip():
             report.add(row, "empty_turn", f"turn {i + 1} ({role}) is empty")
     return turns
 
 
-def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list[Path]:
-    """Check one row's structure and traces; return the image paths it uses."""
+def check_row(rec: dict, row: str, root: Path, report: ValidationReport, questions: bool = False) -> list[Path]:
+    """Check one row's structure and traces; return the image paths it uses.
+
+    With ``questions`` (rows to evaluate on), a row may end with its question when it gives the ``answer``.
+    """
     convs = rec.get("conversations")
     if not isinstance(convs, list) or not convs:
         report.add(row, "roles", "no conversations")
@@ -180,9 +194,13 @@ def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list
     turns = _check_turns(convs, row, report)
     if turns is None:
         return []
-    if len(turns) % 2:
-        report.add(row, "roles", "ends with a human turn that has no answer")
-    image = rec.get("image")
+    if len(turns) % 2 and not (questions and (isinstance(rec.get("answer"), str) and rec["answer"].strip()
+                                              or isinstance(rec.get("answers"), list) and rec["answers"])):
+        report.add(row, "roles", "ends with a human turn that has no answer" + (
+            " (neither a gpt turn nor an `answer` field)" if questions else ""))
+    if rec.get("image") is not None and rec.get("images") is not None and rec["image"] != rec["images"]:
+        report.add(row, "image", "both image and images are given; keep one")
+    image = image_field(rec)
     images = [] if image is None else image if isinstance(image, list) else [image]
     placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns[::2] if isinstance(t.get("value"), str))
     if placeholders and placeholders != len(images):  # none at all is fine: images then lead the first turn
@@ -193,6 +211,10 @@ def check_row(rec: dict, row: str, root: Path, report: ValidationReport) -> list
                 parse_trace(t["value"])
             except TraceFormatError as err:
                 report.add(row, "stage_format", f"gpt turn {i + 1}: {err.problems[0]}")
+    urls = [p for p in images if isinstance(p, str) and p.startswith(("http://", "https://"))]
+    if urls:
+        report.add(row, "image", f"image {urls[0]} is a URL: images are read from files; download it first")
+        return []
     return [root / str(p) for p in images]
 
 
@@ -235,7 +257,7 @@ def _processes() -> tuple[int, int]:
 
 
 def check_dataset(path: str | Path, image_root: str | Path | None = None, check_images: bool = True,
-                  workers: int = 8, records: list | None = None) -> ValidationReport:
+                  workers: int = 8, records: list | None = None, questions: bool = False) -> ValidationReport:
     """Validate a dataset (see the module docstring). Never raises on bad rows; see the report.
 
     ``records``, when given, receives ``(name, row)`` for every JSON-object row as read, named as the
@@ -257,25 +279,44 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
         if rec is None:
             report.add(where, "json", err)
             continue
-        row = str(rec.get("id", where))
+        row = str(rec["id"]) if rec.get("id") is not None else where
         counts[row] += 1
         if counts[row] > 1:
             report.repeated_ids[row] = counts[row]
         row = _unique_name(row, taken)  # each row keeps its own name in the report
         if records is not None:
             records.append((row, rec))
-        to_check += [(row, p) for p in check_row(rec, row, root, report)]
+        to_check += [(row, p) for p in check_row(rec, row, root, report, questions)]
     report.images = len(to_check)
     if check_images and to_check:
         _check_all_images(to_check, report, workers)
     return report
 
 
+def _report(cfg: ValidateConfig) -> ValidationReport:
+    """A data file as :func:`check_dataset` checks it; a HF dataset (a ``save_to_disk`` folder, a parquet file, a
+    Hub name) as training loads it. Without decoding (``--no_check_images``), images must still exist."""
+    p = Path(cfg.path)
+    if p.is_file() and p.suffix not in (".parquet", ".arrow") or p.is_dir() and not _is_hf_disk(p) and _data_files(p):
+        records: list = []
+        rep = check_dataset(cfg.path, cfg.image_root, cfg.check_images, records=records)
+        if not cfg.check_images:
+            root = Path(cfg.image_root) if cfg.image_root else resolve_data_file(cfg.path).parent
+            for name, rec in records:
+                for img in check_row(rec, name, root, ValidationReport(path=rep.path)):
+                    if not img.is_file():
+                        rep.add(name, "image", f"missing image {img}")
+        return rep
+    from stagereason.train.data import load_rows
+
+    return load_rows(cfg.path, cfg.image_root, skip_invalid=True, check_images=cfg.check_images)[1]
+
+
 def run_validate(cfg: ValidateConfig) -> int:
     """Print a summary by problem with row ids; return exit status 1 when any row is bad."""
     from stagereason.console import report as show
 
-    rep = check_dataset(cfg.path, cfg.image_root, cfg.check_images)
+    rep = _report(cfg)
     by_kind = rep.by_kind()
     summary = {"path": rep.path, "rows": rep.rows, "images": rep.images, "bad_rows": len(rep.problems)}
     if rep.repeated_ids:
@@ -284,10 +325,13 @@ def run_validate(cfg: ValidateConfig) -> int:
     for kind, rows in sorted(by_kind.items()):
         more = f" (+{len(rows) - cfg.show} more)" if len(rows) > cfg.show else ""
         summary[kind] = f"{len(rows)} rows: " + ", ".join(rows[: cfg.show]) + more
+    ok = rep.ok and rep.rows > 0
+    if not rep.rows:
+        summary["empty"] = "no rows: nothing to train or evaluate on"
     if cfg.json:
-        summary = {**summary, "problems": rep.problems}
-    show("dataset is valid" if rep.ok else "dataset has problems", summary, cfg.json)
+        summary = {**summary, "problems": rep.problems, "valid": ok}
+    show("dataset is valid" if ok else "dataset has problems", summary, cfg.json)
     if not rep.ok and not cfg.json:
         for row, msgs in list(rep.problems.items())[: cfg.show]:
             print(f"  {row}: {msgs[0]}")
-    return 0 if rep.ok else 1
+    return 0 if ok else 1

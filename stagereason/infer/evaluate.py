@@ -20,8 +20,9 @@ __all__ = ["EvalConfig", "run_eval"]
 class EvalConfig(SearchOptions):
     """Options of ``stagereason eval``."""
 
-    data: str = _f("runs/synthetic", "A gen output dir or data.jsonl (answers: each row's `answer`, else the "
-                                     "conclusion of its trace).")
+    data: str = _f("runs/synthetic", "A gen output dir, data.jsonl or HF dataset (answers: each row's `answer`, "
+                                     "else the conclusion of its trace; a row may end with its question when it "
+                                     "gives the `answer`).")
     image_root: str | None = _f(None, "Folder the rows' image paths are relative to (default: the file's folder).")
     limit: int | None = _f(None, "Evaluate only the first N rows.")
     batch_size: int = _f(8, "Questions answered together with --search greedy (one batched generate per stage).")
@@ -72,6 +73,8 @@ def _answer_rows(cfg: EvalConfig, reasoner, rows: list, source) -> tuple[list[di
             chunk, items = [], []
             for row in rows[start:start + step]:
                 try:
+                    if len(row.images) > 1:
+                        raise ValueError(f"it has {len(row.images)} images; a question is answered about one")
                     items.append((load_image(source(row.images[0])) if row.images else None, row.question))
                     chunk.append(row)
                 except (FileNotFoundError, ValueError) as err:
@@ -88,11 +91,14 @@ def _answer_rows(cfg: EvalConfig, reasoner, rows: list, source) -> tuple[list[di
                                            judge=cfg.judge, seed=cfg.seed + start)]
             latency = (time.perf_counter() - t0) / len(chunk)  # a batch's wall time, shared by its questions
             for row, res in zip(chunk, results, strict=True):
+                # a stage that hit --max_stage_tokens was closed by the search, not by the model: not in format
+                capped = [e["stage"] for e in res.search_log if e.get("capped")]
                 preds.append({"id": row.id, "question": row.question, "answer": row.answer,
                               "prediction": res.answer,
                               "correct": bool(row.answer) and answers_match(res.trace.conclusion, row.answer),
-                              "format_ok": res.trace.ok, "tokens": res.usage["total_tokens"],
-                              "latency_s": round(latency, 4), "family": row.family, "text": res.text})
+                              "format_ok": res.trace.ok and not capped, "capped_stages": capped,
+                              "tokens": res.usage["total_tokens"], "latency_s": round(latency, 4),
+                              "family": row.family, "text": res.text})
             progress.update(task, advance=len(chunk), acc=sum(p["correct"] for p in preds) / len(preds))
     return preds, errors
 
@@ -105,14 +111,15 @@ def run_eval(cfg: EvalConfig) -> dict:
     from stagereason.train.data import load_rows
 
     out = _check(cfg)
-    rows, _, source = load_rows(cfg.data, cfg.image_root, check_images=False, skip_invalid=cfg.skip_invalid)
+    rows, rep, source = load_rows(cfg.data, cfg.image_root, check_images=False, skip_invalid=cfg.skip_invalid,
+                                  questions=True)
     rows = rows[: cfg.limit] if cfg.limit is not None else rows
     if not rows:
-        raise ValueError(f"no rows in {cfg.data}")
+        raise ValueError(f"no rows to evaluate in {cfg.data} ({rep.rows} read, {len(rep.problems)} invalid)")
     reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,
                                         max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature)
-    out.mkdir(parents=True, exist_ok=True)
     preds, errors = _answer_rows(cfg, reasoner, rows, source)
+    errors = [{"id": row, "error": msgs[0]} for row, msgs in rep.problems.items()] + errors  # --skip_invalid
     n = len(preds)
     if not n:
         raise ValueError(f"no row of {cfg.data} could be answered; first problem: {errors[0]['error']}")
@@ -124,12 +131,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     result = {
         "n": n, "skipped": len(errors), "skipped_rows": errors[:20], "accuracy": sum(p["correct"] for p in preds) / n,
         "format_rate": sum(p["format_ok"] for p in preds) / n,
+        "capped_rate": sum(bool(p["capped_stages"]) for p in preds) / n,
         "mean_tokens": sum(p["tokens"] for p in preds) / n, "mean_latency_s": sum(p["latency_s"] for p in preds) / n,
         "search": cfg.search, "beam_size": 1 if one_path else cfg.beam_size, "judge": None if one_path else cfg.judge,
         "batch_size": cfg.batch_size if cfg.search == "greedy" else 1, "model": cfg.model,
         "adapter": cfg.adapter, "data": cfg.data,
         "families": {k: {**v, "accuracy": v["correct"] / v["n"]} for k, v in sorted(fam.items())},
     }
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     atomic_write_text(out / "report.json", json.dumps(result, indent=2) + "\n")
     shown = {k: v for k, v in result.items() if k not in ("families", "skipped_rows")}

@@ -53,7 +53,8 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
     """Greedy answers for ``(images, question)`` items, batched with left padding.
 
     Args:
-        items: each a list of opened images (possibly empty) and a question.
+        items: each a list of opened images (possibly empty) and a question, or the chat messages to answer (a
+            conversation so far, ending with a user turn whose image placeholders match the images).
         synced_gpus: keep stepping until every process of the run is done (sharded weights: see
             :func:`generate_greedy_shared`); a batch without images then gets a filler item with one (every
             process must run the vision tower alike), whose answer is dropped.
@@ -74,8 +75,8 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
                 chunk = [*chunk, (filler_row()["images"], ".")]
             order = [k for k, _ in images_first(list(enumerate(chunk)), lambda kc: kc[1][0])]  # answers: in order
             chunk = [chunk[k] for k in order]
-            texts = [processor.apply_chat_template(user_message(q, len(imgs)), add_generation_prompt=True)
-                     for imgs, q in chunk]
+            texts = [processor.apply_chat_template(q if isinstance(q, list) else user_message(q, len(imgs)),
+                                                   add_generation_prompt=True) for imgs, q in chunk]
             images = [imgs for imgs, _ in chunk]
             inputs = processor(images=images if any(images) else None, text=texts, padding=True,
                                padding_side="left", add_special_tokens=False, return_tensors="pt")

@@ -124,8 +124,10 @@ class Reasoner:
                 self.model, self.processor, images, question, search=search, beam_size=beam_size,
                 judge=judge, max_stage_tokens=max_stage_tokens or self.max_stage_tokens,
                 temperature=self.temperature if temperature is None else temperature, top_p=self.top_p)
-        usage = _usage(log, encode_s, time.perf_counter() - t0, search=search, beam_size=beam_size,
-                       judge=judge if isinstance(judge, str) else getattr(judge, "__name__", "callable"))
+        one_path = search in ("greedy", "sample")  # one candidate, nothing to judge
+        usage = _usage(log, encode_s, time.perf_counter() - t0, search=search, beam_size=1 if one_path else beam_size,
+                       judge=None if one_path else judge if isinstance(judge, str)
+                       else getattr(judge, "__name__", "callable"))
         return ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage)
 
     def answer_batch(self, items: list[tuple[Any, str]], *, batch_size: int = 8, **kwargs) -> list[ReasoningResult]:

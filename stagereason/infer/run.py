@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 from pathlib import Path
 from typing import Literal
 
+from stagereason.console import print_json
 from stagereason.stages import STAGES
 
 __all__ = ["InferConfig", "run_infer", "write_html"]
@@ -36,6 +36,8 @@ class SearchOptions:
     temperature: float = _f(0.7, "Sampling temperature of the candidates.")
 
     def __post_init__(self):
+        if self.adapter and not Path(self.adapter).is_dir():
+            raise FileNotFoundError(f"--adapter {self.adapter} does not exist (give a train run dir)")
         if self.model is None and self.adapter:
             from stagereason.modeling import recorded_base
 
@@ -64,7 +66,8 @@ def _summary_line(res) -> str:
         comps = sum(len(r["comparisons"]) for r in entry["rounds"])
         parts.append(f"{entry['stage'].lower()}: {n} cand, {comps} cmp{', capped' if entry['capped'] else ''}")
     u = res.usage
-    return (f"search {u['search']} (beam {u['beam_size']}, judge {u['judge']}): " + "; ".join(parts)
+    how = f" (beam {u['beam_size']}, judge {u['judge']})" if u.get("judge") else ""
+    return (f"search {u['search']}{how}: " + "; ".join(parts)
             + f" | {u['total_tokens']} tokens, {u['seconds']:.2f} s")
 
 
@@ -129,7 +132,7 @@ def run_infer(cfg: InferConfig) -> dict:
     if cfg.html:
         write_html(res, cfg.question, cfg.html, cfg.image)
     if cfg.json:
-        print(json.dumps(out, ensure_ascii=False))
+        print_json(out, ensure_ascii=False)
     else:
         for stage in STAGES:
             print(f"{stage}\n  {res.trace.stage(stage)}\n")

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 from typing import Literal
 
@@ -50,7 +51,10 @@ class TrainConfig(SFTConfig):
     dataset: str = _f("runs/synthetic", "A gen output dir, a data.jsonl/.json, or a HF dataset in the LLaVA-CoT "
                                         "layout.")
     image_root: str | None = _f(None, "Folder the rows' image paths are relative to (default: the data file's).")
-    eval_split: str = _f("0.05", "Held-out rows: a fraction, a count, a dataset path, or 'none'.")
+    eval_split: str = _f("0.05", "Held-out rows: a fraction, a count (rows about the same images stay together), "
+                                 "a dataset path, or 'none'.")
+    eval_image_root: str | None = _f(None, "Folder a separate --eval_split dataset's image paths are relative to "
+                                           "(default: --image_root, else that dataset's folder).")
     peft: Literal["qlora", "lora", "none"] = _f("qlora", "qlora: 4-bit base + LoRA; lora: full-precision base + "
                                                          "LoRA; none: full fine-tuning.")
     lora_r: int = _f(16, "LoRA rank: higher = more capacity and memory.")
@@ -93,6 +97,9 @@ class TrainConfig(SFTConfig):
                                                   "checkpoint in output_dir (none there: start afresh).")
 
     def __post_init__(self):
+        if self.vision_lora and self.peft == "none":
+            raise ValueError("--vision_lora adds LoRA to the vision encoder, and --peft none trains every weight "
+                             "anyway: drop it, or choose --peft lora or qlora")
         if self.freeze_vision_tower and self.vision_lora:
             raise ValueError("--freeze_vision_tower and --vision_lora contradict each other: choose one")
         if self.peft != "none" and _env_true("ACCELERATE_USE_FSDP") and _env_true("FSDP_ACTIVATION_CHECKPOINTING"):
@@ -117,6 +124,9 @@ class TrainConfig(SFTConfig):
             split = float(self.eval_split)
         except (TypeError, ValueError):
             split = None  # a dataset path, or "none"
+        if split is not None and not math.isfinite(split):
+            raise ValueError(f"--eval_split {self.eval_split}: a fraction below 1, a row count, a dataset path, or "
+                             "none")
         if split is not None and split > 1 and not split.is_integer():
             raise ValueError(f"--eval_split {self.eval_split}: a fraction is below 1, a row count is a whole number")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):

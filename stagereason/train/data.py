@@ -17,7 +17,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stagereason.data_gen.sources import IMAGE_PLACEHOLDER, _is_hf_disk, _open_hf, _unique_name
+from stagereason.data_gen.sources import (
+    HF_FILE_TYPES,
+    IMAGE_PLACEHOLDER,
+    _is_hf_disk,
+    _open_hf,
+    _unique_name,
+    image_field,
+)
 from stagereason.data_gen.validate import (
     ValidationReport,
     _check_all_images,
@@ -59,7 +66,8 @@ def _user_content(text: str, n_lead: int) -> list[dict]:
 
 
 def to_messages(rec: dict, n_images: int) -> list[dict]:
-    """LLaVA ``conversations`` -> chat ``messages`` (multi-turn kept; a leading system turn kept).
+    """LLaVA ``conversations`` -> chat ``messages`` (multi-turn kept; a leading system turn kept; ``\\r\\n`` read
+    as ``\\n``).
 
     When any human turn has ``<image>`` placeholders, images go there and
     only there (validation makes their count match the images); without any,
@@ -70,11 +78,12 @@ def to_messages(rec: dict, n_images: int) -> list[dict]:
     messages, lead = [], 0 if placed else n_images
     for turn in rec["conversations"]:
         role = roles[turn["from"]]
+        value = turn["value"].replace("\r\n", "\n").replace("\r", "\n")  # Windows line ends are no text to learn
         if role == "user":
-            messages.append({"role": "user", "content": _user_content(turn["value"], lead)})
+            messages.append({"role": "user", "content": _user_content(value, lead)})
             lead = 0
         else:
-            messages.append({"role": role, "content": [{"type": "text", "text": turn["value"].strip()}]})
+            messages.append({"role": role, "content": [{"type": "text", "text": value.strip()}]})
     return messages
 
 
@@ -99,7 +108,7 @@ def _is_hf_ref(ref) -> bool:
 
 
 def _row(rec: dict, rid: str, root: Path | None) -> Row:
-    image = rec.get("image")
+    image = image_field(rec)
     images = [] if image is None else image if isinstance(image, list) else [image]
     if root is not None:
         images = [str(root / p) if isinstance(p, str) and not _is_hf_ref(p) else p for p in images]
@@ -167,22 +176,32 @@ def _no_local_dataset(dataset: str) -> None:
     if p.exists():
         return
     parts = dataset.replace("\\", "/").split("/")
-    if (p.is_absolute() or dataset.startswith((".", "~")) or len(parts) != 2 or p.suffix in (".json", ".jsonl")
+    if (p.is_absolute() or dataset.startswith((".", "~")) or len(parts) != 2
+            or p.suffix in (".json", ".jsonl", *HF_FILE_TYPES)
             or Path(parts[0]).is_dir()):
         raise FileNotFoundError(f"no dataset at {dataset}: it does not exist")
 
 
-def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str):
-    """Rows of a HF dataset named and checked as :func:`check_dataset` checks a file, images decoded too."""
-    ds = _open_hf(dataset, "train", None)
+EVAL_SPLITS = ("test", "validation", "val", "eval", "dev")  # a separate eval dataset's split, by preference
+
+
+def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str, questions: bool = False):
+    """Rows of a HF dataset named and checked as :func:`check_dataset` checks a file, images decoded too.
+
+    Its ``train`` split (a separate eval dataset: its test or validation split); image paths are relative to
+    ``image_root``, else to a local dataset's folder."""
+    ds = _open_hf(dataset, EVAL_SPLITS if tag != "hf" else "train", None)
+    if "image" not in ds.column_names and "images" in ds.column_names:
+        ds = ds.rename_column("images", "image")
     source = ImageSource({tag: ds}) if "image" in ds.column_names else ImageSource()
-    root = Path(image_root) if image_root else None
+    local = Path(dataset)
+    root = Path(image_root) if image_root else (local if local.is_dir() else local.parent) if local.exists() else None
     report = ValidationReport(path=str(dataset))
     records, taken, to_check = [], {}, []
     for i, rec in _hf_meta(ds, tag):
-        rid = _unique_name(str(rec.get("id", i)), taken)  # named before the checks, as check_dataset names them
+        rid = _unique_name(str(rec["id"]) if rec.get("id") is not None else str(i), taken)  # as check_dataset names
         report.rows += 1
-        for p in check_row(rec, rid, root or Path("."), report):
+        for p in check_row(rec, rid, root or Path("."), report, questions):
             to_check.append((rid, p.name if _is_hf_ref(p.name) else p))
         records.append((rid, rec))
     report.images = len(to_check)
@@ -192,8 +211,10 @@ def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str)
 
 
 def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool = False,
-              check_images: bool = True, tag: str = "hf") -> tuple[list[Row], ValidationReport, ImageSource]:
-    """Load and validate a dataset; fail fast on bad rows unless ``skip_invalid``.
+              check_images: bool = True, tag: str = "hf",
+              questions: bool = False) -> tuple[list[Row], ValidationReport, ImageSource]:
+    """Load and validate a dataset; fail fast on bad rows unless ``skip_invalid``. With ``questions`` (rows to
+    evaluate on), a row may end with its question when it gives the ``answer``.
 
     Returns:
         ``(rows, report, images)``; with ``skip_invalid`` the bad rows are left
@@ -205,18 +226,22 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         FileNotFoundError: no dataset at ``dataset``.
     """
     path = Path(dataset)
-    if path.is_file() or (path.is_dir() and not _is_hf_disk(path) and _data_files(path)):
+    if not str(dataset).strip():
+        raise FileNotFoundError("no dataset given (an empty path)")
+    if path.is_file() and path.suffix in HF_FILE_TYPES:
+        records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions)
+    elif path.is_file() or (path.is_dir() and not _is_hf_disk(path) and _data_files(path)):
         data = resolve_data_file(path)
         root = Path(image_root) if image_root else data.parent
         records = []
-        report = check_dataset(data, root, check_images=check_images, records=records)
+        report = check_dataset(data, root, check_images=check_images, records=records, questions=questions)
         source = ImageSource()
     elif _is_hf_disk(path):
-        records, report, source, root = _load_hf(dataset, image_root, check_images, tag)
+        records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions)
     else:
         _no_local_dataset(dataset)
         try:
-            records, report, source, root = _load_hf(dataset, image_root, check_images, tag)
+            records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions)
         except (OSError, ValueError) as err:  # datasets' errors: connection, not found, gated, unknown files...
             what = ("a folder without a data.jsonl / .jsonl / .json file or a saved HF dataset, and datasets could "
                     "not load it" if path.is_dir() else "not a local file or folder, and loading it as a Hub "
@@ -228,6 +253,10 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise ValueError(f"{len(bad)} invalid row(s) in {report.path}: {shown}{more}. "
                          "Fix them (stagereason validate lists all) or pass --skip_invalid to drop them")
+    if bad:
+        shown = "; ".join(f"{row}: {msgs[0]}" for row, msgs in list(report.problems.items())[:3])
+        logger.warning("dropped %d invalid row(s) of %s (--skip_invalid): %s%s", len(bad), report.path, shown,
+                       " ..." if len(bad) > 3 else "")
     # records are named as the report names them (a repeated id is a distinct row: ``id#1``...)
     rows = [_row(rec, name, root) for name, rec in records if name not in bad]
     return rows, report, source
@@ -237,30 +266,65 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
                source: ImageSource | None = None, *, skip_invalid: bool = False):
     """``eval_split`` is a fraction (``0.05``), a row count (``200``), a dataset path, or empty for none.
 
+    A fraction or count holds out whole groups of rows that share their images (at least that many rows), so that
+    no held-out image was trained on; rows without an image are each their own group.
+
     A separate eval dataset is loaded as :func:`load_rows` loads the training
     data (its invalid rows dropped with ``skip_invalid``, else an error); its
     images are added to ``source`` (under their own tag).
     """
-    if eval_split in (None, "", "0", 0, "none"):
+    if eval_split in (None, "", 0, "none"):
         return rows, []
     try:
         frac = float(eval_split)
     except (TypeError, ValueError):
         eval_rows, report, eval_source = load_rows(str(eval_split), image_root, skip_invalid=skip_invalid,
                                                    tag="hfeval")
-        if report.problems:
-            logger.warning("dropped %d invalid eval row(s) of %s: %s", len(report.problems), report.path,
-                           ", ".join(list(report.problems)[:5]))
+        if not eval_rows:
+            raise ValueError(f"--eval_split {eval_split}: no {'valid ' if report.rows else ''}rows in it "
+                             f"({report.rows} read); give held-out rows, or --eval_split none") from None
         if source is not None:
             source.update(eval_source)
+        _warn_overlap(rows, eval_rows, eval_split)
         return rows, eval_rows
+    if frac == 0:
+        return rows, []
     n = int(round(frac * len(rows))) if frac < 1 else int(frac)
-    if not 0 < n < len(rows):
-        raise ValueError(f"--eval_split {eval_split} leaves no training or no eval rows out of {len(rows)}")
-    order = list(range(len(rows)))
+    # rows about the same images (several questions on one image) stay on one side: held-out images are unseen
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(tuple(map(str, r.images)) if r.images else i, []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    held = set(order[:n])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    held: set[int] = set()
+    for group in order:
+        if len(held) >= n:
+            break
+        held.update(group)
+    if not 0 < n or not 0 < len(held) < len(rows):
+        raise ValueError(f"--eval_split {eval_split} leaves no training or no eval rows out of {len(rows)} (rows "
+                         "about the same images stay together): give a row count (e.g. --eval_split 1) or "
+                         "--eval_split none")
+    train, held_out = [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    _warn_overlap(train, held_out, eval_split)
+    return train, held_out
+
+
+def _warn_overlap(train: list[Row], held_out: list[Row], eval_split) -> None:
+    """Held-out rows that are training rows too (the same question about the same images) measure recall, not
+    generalisation: all of them is an error (the training data given as the eval split), some a warning."""
+    def key(r: Row):
+        return r.question, tuple(str(i) for i in r.images), r.answer
+
+    seen = {key(r) for r in train}
+    both = [r for r in held_out if key(r) in seen]
+    if both and len(both) == len(held_out):
+        raise ValueError(f"--eval_split {eval_split}: every held-out row is also a training row (the same question, "
+                         "images and answer): is it the training data? give rows kept out of training")
+    if both:
+        logger.warning("%d of %d held-out rows (--eval_split %s) are also training rows, the same question, images "
+                       "and answer (e.g. %s): their evaluation is of recall", len(both), len(held_out), eval_split,
+                       both[0].id)
 
 
 def fit_tiles(im, tile: int, most: int):

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
+from stagereason.fsio import inputs_inside, local_or_name
 from stagereason.train.config import TrainConfig
 from stagereason.train.trainer import StageSFTTrainer
 
 logger = logging.getLogger(__name__)
+
 
 def last_complete_checkpoint(out: Path) -> str | None:
     """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last) is there and parses.
@@ -57,7 +62,7 @@ def _prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
                    else "pass --resume_from_checkpoint auto to resume")
             raise FileExistsError(f"output_dir {out} is not empty; {how}; pass --overwrite_output_dir to replace "
                                   "it, or choose another --output_dir")
-        inside = [f"--{name} {value}" for name, value in _input_paths(cfg) if _within(value, out)]
+        inside = inputs_inside(out, [(f"--{name}", value) for name, value in _input_paths(cfg)])
         if inside:
             raise FileExistsError(f"--overwrite_output_dir would delete {out}, which holds this run's input "
                                   f"({', '.join(inside)}); choose another --output_dir")
@@ -109,16 +114,52 @@ def _check_checkpoint_kind(ckpt: Path, peft: str) -> None:
 
 def _input_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
     return [(name, value) for name in ("dataset", "model_name_or_path", "image_root", "eval_split",
-                                       "chat_template_path")
+                                       "eval_image_root", "chat_template_path")
             if isinstance(value := getattr(cfg, name), str) and value]
 
 
-def _within(path: str, folder: Path) -> bool:
-    p = Path(path)
-    if not p.exists():  # a hub name, a fraction: nothing on disk to lose
-        return False
-    p, folder = p.resolve(), folder.resolve()
-    return p == folder or folder in p.parents
+def check_images_outside(out: Path, rows) -> None:
+    """Refuse to replace an output dir that holds images of the rows (they would be gone before training)."""
+    inside = inputs_inside(out, ((f"row {r.id}: image", ref) for r in rows for ref in r.images
+                                 if isinstance(ref, str)))
+    if inside:
+        raise FileExistsError(f"--overwrite_output_dir would delete {out}, which holds {len(inside)} image(s) of "
+                              f"this run's rows ({inside[0]}{', ...' if len(inside) > 1 else ''}); choose another "
+                              "--output_dir")
+
+
+class PreviousRun(TrainerCallback):
+    """The old contents of an output dir that ``--overwrite_output_dir`` replaces: renamed aside (a hidden folder
+    beside it) when the new run is ready, removed once its first step has trained, put back if it fails first.
+    Only the main process moves files; a run killed before its first step leaves them in the hidden folder."""
+
+    def __init__(self, out: Path):
+        self.out, self.aside = Path(out), None
+
+    def set_aside(self) -> None:
+        for n in range(1000):
+            aside = self.out.parent / f".{self.out.name}.previous-{os.getpid()}{f'-{n}' if n else ''}"
+            if not os.path.lexists(aside):
+                break
+        self.out.rename(aside)
+        self.aside = aside
+        logger.warning("--overwrite_output_dir: the previous contents of %s are set aside in %s and removed once "
+                       "the first step has trained", self.out, aside)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def restore(self) -> None:
+        """Put the previous contents back (the new run failed before its first step trained)."""
+        if self.aside is None or not self.aside.is_dir():
+            return
+        if self.out.exists():
+            shutil.rmtree(self.out)  # only what this run wrote: its inputs were checked to lie outside
+        self.aside.rename(self.out)
+        self.aside = None
+        logger.warning("the run failed before its first step: %s holds its previous contents again", self.out)
 
 
 def _versions() -> dict:
@@ -143,10 +184,10 @@ def _versions() -> dict:
 
 def run_info(cfg: TrainConfig, model_type: str, model, trainer: StageSFTTrainer, resume: str | None) -> dict:
     """What ``run_info.json`` records: base model, what trained and how, library versions, processes."""
-    return {"base_model": cfg.model_name_or_path, "model_type": model_type, "peft": cfg.peft,
+    return {"base_model": local_or_name(cfg.model_name_or_path), "model_type": model_type, "peft": cfg.peft,
             "quantization": "4bit-nf4" if cfg.peft == "qlora" else None,
             "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32",
-            "attention": model.config._attn_implementation, "dataset": cfg.dataset,
+            "attention": model.config._attn_implementation, "dataset": local_or_name(cfg.dataset),
             "versions": _versions(), "git_revision": _git_revision(), "resumed_from": resume,
             "processes": cfg.world_size, "distributed": str(trainer.accelerator.distributed_type.value)}
 
@@ -260,7 +301,7 @@ def _save(cfg: TrainConfig, trainer: StageSFTTrainer, processor, info: dict, sum
     if not trainer.args.should_save:
         return summary
     processor.save_pretrained(str(out))
-    dump_config((cfg,), out / "train_config.yaml")
+    dump_config((cfg,), out / "train_config.yaml", paths=(*(name for name, _ in _input_paths(cfg)), "output_dir"))
     atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "run_info.json", json.dumps(info, indent=2) + "\n")
     if trainer.stage_samples:
@@ -291,6 +332,27 @@ def _checkpoint_step(ckpt: str | None) -> int:
         return int(json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("global_step", 0))
     except (OSError, ValueError):
         return 0
+
+
+def finished_run(out: Path, resume: str | None, last_step: int) -> dict | None:
+    """The summary of the finished run in ``out`` when the checkpoint to resume from is at or past the run's last
+    step (transformers would train one step more, past ``--max_steps``, and rewrite the run); else None.
+
+    Raises:
+        ValueError: that checkpoint is the last step's, and the run dir has no summary (stopped while saving).
+    """
+    step = _checkpoint_step(resume)
+    if not resume or step < last_step:
+        return None
+    try:
+        summary = json.loads((out / "train_summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict) or summary.get("steps", -1) < step:
+        raise ValueError(f"--resume_from_checkpoint {resume} is at step {step}, the run's last ({last_step}), and "
+                         f"{out} has no train_summary.json of it (the run stopped while saving): its weights are in "
+                         "that checkpoint; to train more, raise --max_steps or --num_train_epochs")
+    return summary
 
 
 def _last_evaluation_is_stale(trainer) -> bool:

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -23,23 +22,61 @@ import numpy as np
 
 from stagereason.train.config import TrainConfig
 from stagereason.train.data import Row, load_rows, open_image, split_rows, to_dataset
-from stagereason.train.rundir import _checkpoint_step, _last_evaluation_is_stale, _prepare_output_dir, _save, run_info
+from stagereason.train.rundir import (
+    PreviousRun,
+    _checkpoint_step,
+    _last_evaluation_is_stale,
+    _prepare_output_dir,
+    _save,
+    check_images_outside,
+    finished_run,
+    run_info,
+)
 from stagereason.train.trainer import StageSFTTrainer, _StopOnSignal, text_only_guesser
 
 __all__ = ["TrainConfig", "TrainSetup", "build_trainer", "run_train", "StageSFTTrainer"]
 
 logger = logging.getLogger(__name__)
 
+def _special_tokens(tok):
+    """A pattern of the tokenizer's special tokens (``<|image|>``, ``<|eot_id|>``...), None if it has none."""
+    specials = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    specials |= set(getattr(tok, "all_special_tokens", []))
+    specials.discard("")
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+
+
+def _written_special_token(row: Row, pattern) -> str | None:
+    """Where a row's text holds one of the model's special tokens written out, which the tokenizer reads as that
+    token (an ``<|image|>`` without its image, an ``<|eot_id|>`` that ends the turn early): a problem, or None."""
+    if pattern is None:
+        return None
+    for k, msg in enumerate(row.messages):
+        for part in msg["content"]:
+            found = pattern.search(part.get("text") or "") if isinstance(part, dict) else None
+            if found:
+                return (f"turn {k + 1} ({msg['role']}) holds {found.group()!r}, one of the model's special tokens, "
+                        "as text: the tokenizer would read it as that token; remove it")
+    return None
+
+
 def _token_lengths(rows: list[Row], processor, template: str, report, skip_invalid: bool) -> list[Row]:
-    """Count each row's tokens; rows the chat template refuses are named (or dropped, counted, with --skip_invalid).
+    """Count each row's tokens; rows the chat template refuses, or whose text holds a special token, are named (or
+    dropped, counted, with --skip_invalid).
 
     Returns the rows the template renders.
     """
     from jinja2 import TemplateError
 
     tok = processor.tokenizer
+    specials = _special_tokens(tok)
     texts, kept, refused = [], [], []
     for r in rows:
+        problem = _written_special_token(r, specials)
+        if problem:
+            refused.append(r)
+            report.add(r.id, "special token", problem)
+            continue
         try:
             texts.append(processor.apply_chat_template(r.messages, tokenize=False, chat_template=template))
             kept.append(r)
@@ -48,10 +85,11 @@ def _token_lengths(rows: list[Row], processor, template: str, report, skip_inval
             report.add(r.id, "chat template", str(err))
     if refused and not skip_invalid:
         shown = "; ".join(f"row {r.id}: {report.problems[r.id][-1]}" for r in refused[:5])
-        raise ValueError(f"{len(refused)} row(s) of the dataset are refused by the model's chat template: {shown}"
+        raise ValueError(f"{len(refused)} row(s) of the dataset cannot be given to the model: {shown}"
                          f"{' ...' if len(refused) > 5 else ''}; pass --skip_invalid to drop them")
     if refused:
-        logger.warning("dropped %d row(s) the chat template refuses (--skip_invalid)", len(refused))
+        logger.warning("dropped %d row(s) the chat template refuses or whose text holds a special token "
+                       "(--skip_invalid)", len(refused))
     for r, ids in zip(kept, tok(texts, add_special_tokens=False)["input_ids"] if texts else [], strict=True):
         r.n_tokens = len(ids)
     return kept
@@ -142,11 +180,11 @@ def _eos_ids(model) -> tuple[int, ...]:
     return tuple(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
-def _load(cfg: TrainConfig, processor):
+def _load(cfg: TrainConfig, processor, base: str | None = None):
     from stagereason.modeling import load_model, vision_tower
 
     quant = "4bit" if cfg.peft == "qlora" else None
-    model, processor = load_model(cfg.model_name_or_path, quantization=quant,
+    model, processor = load_model(base or cfg.model_name_or_path, quantization=quant,
                                   attn_implementation=cfg.attn_implementation,
                                   dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32", processor=processor)
     # No prepare_model_for_kbit_training for QLoRA: it casts every weight it does not quantize to float32 (vision
@@ -170,6 +208,8 @@ class TrainSetup:
     info: dict
     data: dict
     resume: str | None
+    previous: PreviousRun | None = None  # the old contents of output_dir, set aside until the first step trains
+    finished: dict | None = None  # resuming a run that has reached its last step: its summary
 
 
 def _check_tiles(cfg: TrainConfig, model_config) -> None:
@@ -188,19 +228,22 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
 
     Everything that can fail on the data fails before the model is loaded.
     """
-    from transformers import AutoConfig
-
+    from stagereason.fsio import local_or_name
     from stagereason.modeling import load_processor
+    from stagereason.modeling import model_config as read_model_config
     from stagereason.train.collate import StageCollator
     from stagereason.train.templates import training_chat_template
 
     resume, clear = _prepare_output_dir(cfg)
+    base = local_or_name(cfg.model_name_or_path)  # recorded in the adapter: the run dir loads from anywhere
+    model_config = read_model_config(base, "--model_name_or_path")  # a bad name fails before the data is read
     rows, rep, source = load_rows(cfg.dataset, cfg.image_root, skip_invalid=cfg.skip_invalid)
-    train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.image_root, source,
+    train_rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed, cfg.eval_image_root or cfg.image_root, source,
                                        skip_invalid=cfg.skip_invalid)
-    model_config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+    if clear:
+        check_images_outside(Path(cfg.output_dir), train_rows + eval_rows)
     _check_tiles(cfg, model_config)
-    processor = load_processor(cfg.model_name_or_path, model_config.model_type)
+    processor = load_processor(base, model_config.model_type)
     template = training_chat_template(processor, model_config.model_type, cfg.chat_template_path)
     rendered = {id(r) for r in _token_lengths(train_rows + eval_rows, processor, template, rep, cfg.skip_invalid)}
     tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
@@ -213,15 +256,23 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     limit = cfg.max_length or 10**9
     kept, eval_kept = [r for r in train_rows if r.n_tokens <= limit], [r for r in eval_rows if r.n_tokens <= limit]
     data = _dataset_summary(train_rows + eval_rows, kept, eval_kept, rep, cfg)
+    strategy = str(getattr(cfg.eval_strategy, "value", cfg.eval_strategy))
+    if not eval_kept and (strategy != "no" or cfg.load_best_model_at_end):
+        why = "--eval_split is none" if not eval_rows else f"all {len(eval_rows)} are longer than --max_length"
+        raise ValueError(f"--eval_strategy {strategy} needs held-out rows, and there are none ({why}): set "
+                         "--eval_split, or --eval_strategy no")
     if cfg.dry_run:
         return TrainSetup(None, processor, {}, data, resume)
+    done = finished_run(Path(cfg.output_dir), resume, data["estimated_steps"])
+    if done is not None:  # nothing to train: the run is there, whole
+        return TrainSetup(None, processor, {}, data, resume, finished=done)
     if not kept:
         raise ValueError(f"no training rows left in {cfg.dataset} (invalid: {len(rep.problems)}, "
                          f"longer than max_length {cfg.max_length}: {data['too_long_dropped']})")
     if data["too_long_dropped"]:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
-    model, processor = _load(cfg, processor)  # the processor loaded above for the token counts
+    model, processor = _load(cfg, processor, base)  # the processor loaded above for the token counts
     # fewer tiles than the model takes: shrink images to fit them (the model still pads to its own count)
     tiles = (tile, cfg.max_image_tiles) if cfg.max_image_tiles and most and cfg.max_image_tiles < most else None
     collator = StageCollator(processor, template, max_side, getattr(model_config.get_text_config(), "vocab_size",
@@ -241,12 +292,15 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         )
     finally:
         cfg.assistant_only_loss = user_assistant_only
-    if clear:  # data, model and trainer are in hand: only now does the previous run go, removed by one process
-        with cfg.main_process_first(desc="removing the previous run"):
+    previous = None
+    if clear:  # data, model and trainer are in hand: only now does the previous run move aside, by one process
+        previous = PreviousRun(Path(cfg.output_dir))
+        trainer.add_callback(previous)
+        with cfg.main_process_first(desc="setting the previous run aside"):
             if cfg.process_index == 0:
-                logger.warning("removing the previous contents of %s (--overwrite_output_dir)", cfg.output_dir)
-                shutil.rmtree(cfg.output_dir)
-    return TrainSetup(trainer, processor, run_info(cfg, model_config.model_type, model, trainer, resume), data, resume)
+                previous.set_aside()
+    info = run_info(cfg, model_config.model_type, model, trainer, resume)
+    return TrainSetup(trainer, processor, info, data, resume, previous)
 
 
 def _leave_process_group() -> None:
@@ -286,6 +340,13 @@ def run_train(cfg: TrainConfig) -> dict:
         print("# resolved config\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         report("dataset (dry run: nothing trained)", setup.data)
         return setup.data
+    if setup.finished is not None:
+        if cfg.process_index == 0:
+            print(f"nothing to do: {cfg.output_dir} holds this run, finished at step {setup.finished['steps']} "
+                  "(raise --max_steps or --num_train_epochs to train on)", file=sys.stderr)
+            if cfg.json:
+                report("", setup.finished, as_json=True)
+        return setup.finished
     trainer = setup.trainer
     first_step = _checkpoint_step(setup.resume)
     start = time.perf_counter()
@@ -294,6 +355,10 @@ def run_train(cfg: TrainConfig) -> dict:
     stop.install()
     try:
         out = trainer.train(resume_from_checkpoint=setup.resume)
+    except BaseException:
+        if setup.previous is not None and trainer.is_world_process_zero():
+            setup.previous.restore()
+        raise
     finally:
         stop.uninstall()
         trainer.remove_callback(stop)
@@ -325,5 +390,6 @@ def run_train(cfg: TrainConfig) -> dict:
         shown.update({"eval_format_rate": summary["eval"]["format_rate"],
                       "eval_accuracy": summary["eval"]["accuracy"],
                       "eval_text_only_accuracy": summary["eval"]["text_only_accuracy"]})
-    report(f"trained: {cfg.output_dir}", shown, cfg.json)
+    shown.update({f"rows {k}": v for k in ("invalid_dropped", "too_long_dropped") if (v := summary["dataset"][k])})
+    report(f"trained: {cfg.output_dir}", summary if cfg.json else shown, cfg.json)  # --json: the whole summary
     return summary

@@ -223,10 +223,11 @@ class StageSFTTrainer(SFTTrainer):
 
         from stagereason.infer.generate import generate_greedy_shared
 
-        def item(i: int) -> tuple[list, str]:
+        def item(i: int) -> tuple[list, list[dict]]:  # the conversation up to its last answer, as trained on
             row = self.stage_rows[i]
+            last = max(k for k, m in enumerate(row.messages) if m["role"] == "assistant")
             return [open_image(self.image_source(s), self.max_image_side, self.image_tiles) for s in row.images], \
-                row.question
+                row.messages[:last]
 
         sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
         texts = generate_greedy_shared(self.model, self.processing_class, len(self.stage_rows), item,

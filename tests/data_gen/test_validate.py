@@ -153,3 +153,46 @@ def test_a_big_image_is_not_a_decompression_bomb(tmp_path, monkeypatch):
     Image.new("RGB", (200, 100), "red").save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 20000 pixels: past twice the cap, a bomb to PIL
     assert _check_image(tmp_path / "big.png") is None
+
+
+def test_hf_datasets_empty_files_and_missing_images_without_decoding(tmp_path, capsys):
+    import datasets
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "imgs" / "0.jpg")
+    turns = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": TRACE}]
+    datasets.Dataset.from_dict({"id": ["ok", "gone"], "image": ["imgs/0.jpg", "imgs/gone.jpg"],
+                                "conversations": [turns, turns]}).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "imgs").symlink_to(tmp_path / "imgs")  # paths relative to the saved dataset's folder
+    assert main(["validate", str(tmp_path / "hf"), "--json"]) == 1  # a HF dataset, checked as training loads it
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 2 and list(out["problems"]) == ["gone"] and "missing image" in out["problems"]["gone"][0]
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["validate", str(tmp_path / "empty.jsonl"), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 0 and not out["valid"] and "no rows" in out["empty"]
+    data = write_llava(tmp_path / "d", [_row("ok"), _row("gone", image="imgs/gone.jpg")])
+    assert main(["validate", str(data), "--no_check_images", "--json"]) == 1  # not decoded, but there
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["problems"]) == ["gone"] and "missing image" in out["problems"]["gone"][0]
+
+
+def test_rows_in_other_layouts_are_named_for_what_they_are(tmp_path):
+    (tmp_path / "imgs" / "a_folder").mkdir(parents=True)
+    rows = [
+        {"id": "chat", "image": "imgs/0.jpg", "conversations": [{"role": "user", "content": "What?"},
+                                                                {"role": "assistant", "content": TRACE}]},
+        _row("number", human=42),
+        _row("url", image="https://example.com/cat.jpg"),
+        _row("folder", image="imgs/a_folder"),
+        {**_row("ignored"), "id": None},
+    ]
+    records = []
+    report = check_dataset(write_llava(tmp_path, rows), records=records)
+    assert "turn 1 is written as role/content (chat messages)" in report.problems["chat"][0]
+    assert report.problems["number"] == ["empty_turn: turn 1 (human) has a value of type int, not text"]
+    assert report.problems["url"] == ["image: image https://example.com/cat.jpg is a URL: images are read from "
+                                      "files; download it first"]
+    assert report.problems["folder"] == [f"image: image {tmp_path / 'imgs/a_folder'} is a folder, not an image file"]
+    assert [name for name, _ in records][-1] == "line 5" and "line 5" not in report.problems  # "id": null: where

@@ -199,10 +199,13 @@ def test_eval_reports_and_refuses_to_overwrite(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["n"] == 3 and report["format_rate"] == 1.0 and 0 <= report["accuracy"] <= 1
+    assert report["n"] == 3 and 0 <= report["accuracy"] <= 1
     assert sum(f["n"] for f in report["families"].values()) == 3
-    preds = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
-    assert len(preds) == 3 and {"id", "prediction", "correct", "latency_s"} <= set(json.loads(preds[0]))
+    preds = [json.loads(x) for x in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and {"id", "prediction", "correct", "latency_s", "capped_stages"} <= set(preds[0])
+    # the random model never closes a stage: the search closes each at the cap, and that is no format of the model's
+    assert all(p["capped_stages"] == ["SUMMARY", "CAPTION", "REASONING", "CONCLUSION"] for p in preds)
+    assert report["capped_rate"] == 1.0 and report["format_rate"] == 0.0 and not any(p["format_ok"] for p in preds)
     assert main(args) == 1
     assert "pass --force" in capsys.readouterr().err
 
@@ -334,7 +337,25 @@ def test_eval_skip_invalid_drops_the_rows_its_error_names(tiny_dir, tmp_path, ca
     assert "line 4 is not a valid JSON object" in capsys.readouterr().err and not (tmp_path / "ev").exists()
     assert main(args + ["--skip_invalid"]) == 0
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert report["n"] == 3
+    assert report["n"] == 3 and report["skipped"] == 1  # the dropped row is counted and named
+    assert report["skipped_rows"][0]["id"] == "line 4" and "not a valid JSON object" in report["skipped_rows"][0]["error"]
+
+
+def test_eval_takes_rows_that_end_with_their_question_and_skips_rows_of_several_images(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["gen", "--out", str(data), "--n", "3", "--no_progress"]) == 0
+    rows = [json.loads(x) for x in (data / "data.jsonl").read_text().splitlines()]
+    rows[0]["conversations"] = rows[0]["conversations"][:1]  # a test set's layout: the question and `answer`
+    rows[1]["image"] = [rows[1]["image"], rows[2]["image"]]
+    (data / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_dir), "--data", str(data), "--search", "greedy", "--max_stage_tokens",
+                 "4", "--out", str(tmp_path / "ev"), "--no_progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 2 and report["skipped_rows"] == [
+        {"id": rows[1]["id"], "error": "it has 2 images; a question is answered about one"}]
+    preds = {p["id"]: p for p in map(json.loads, (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines())}
+    assert preds[rows[0]["id"]]["answer"] == rows[0]["answer"]
 
 
 @pytest.fixture(scope="module", params=["llava_next", "gemma3", "qwen2_5_vl"])
@@ -392,7 +413,7 @@ def test_other_vlms_run_the_verbs_greedily_and_a_search_is_refused_before_loadin
         assert {"summary", "caption", "reasoning", "conclusion", "answer"} <= set(printed)
         assert [step["stage"] for step in printed["search"]] == list(STAGES)
     else:
-        assert printed["n"] == 3 and printed["format_rate"] == 1.0 and printed["search"] == "greedy"
+        assert printed["n"] == 3 and printed["capped_rate"] == 1.0 and printed["search"] == "greedy"  # random: capped
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")

@@ -114,8 +114,12 @@ def test_hf_image_paths_that_do_not_exist_are_named_with_or_without_image_root(t
     rows, report, _ = load_rows(hf, str(tmp_path / "root"), skip_invalid=True)
     assert [r.id for r in rows] == ["abs", "rel"]
     assert report.problems == {"gone": [f"image: missing image {tmp_path / 'nope.png'}"]}
-    rows, report, _ = load_rows(hf, skip_invalid=True)  # no root: relative to the working directory
-    assert [r.id for r in rows] == ["abs"] and report.problems["rel"] == ["image: missing image img/b.png"]
+    rows, report, _ = load_rows(hf, skip_invalid=True)  # no root: relative to the dataset's own folder
+    assert [r.id for r in rows] == ["abs"]
+    assert report.problems["rel"] == [f"image: missing image {tmp_path / 'hf' / 'img/b.png'}"]
+    _write(tmp_path / "hf", [], name="unused.txt")  # the images beside the saved dataset: found from anywhere
+    rows, report, _ = load_rows(hf, skip_invalid=True)
+    assert [r.id for r in rows] == ["abs", "rel"] and rows[1].images == [str(tmp_path / "hf" / "img/b.png")]
 
 
 def test_hf_repeated_ids_never_take_an_existing_id(tmp_path):
@@ -251,3 +255,95 @@ def test_a_deepspeed_checkpoint_that_cannot_be_read_is_named(tmp_path):
     (ckpt / "global_step2/zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="zero_pp_rank_0_mp_rank_00_model_states.pt cannot be read"):
         _check_checkpoint_kind(ckpt, "lora")
+
+
+def test_an_images_list_field_is_read_as_image(tmp_path):
+    """``images``, the name ShareGPT and LLaMA-Factory data use, is the same as ``image``."""
+    rows = [{**_row("two", human="Same?"), "images": ["img/a.png", "img/b.png"]}, _row("one")]
+    del rows[0]["image"]
+    data = _write(tmp_path, rows)
+    loaded, report, _ = load_rows(str(data))
+    assert report.ok and report.images == 3
+    assert loaded[0].images == [str(tmp_path / "img/a.png"), str(tmp_path / "img/b.png")]
+    assert [c["type"] for c in loaded[0].messages[0]["content"]] == ["image", "image", "text"]
+    both = _write(tmp_path, [{**_row("both"), "images": ["img/b.png"]}], name="both.jsonl")
+    with pytest.raises(ValueError, match="both: image: both image and images are given; keep one"):
+        load_rows(str(both))
+    hf = tmp_path / "hf"
+    turns = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": TRACE}]
+    datasets.Dataset.from_dict({"id": ["h"], "images": [[_png("red"), _png("blue")]], "conversations": [turns]},
+                               features=datasets.Features({
+                                   "id": datasets.Value("string"), "images": datasets.List(datasets.Image()),
+                                   "conversations": datasets.List({"from": datasets.Value("string"),
+                                                                   "value": datasets.Value("string")})}),
+                               ).save_to_disk(str(hf))
+    loaded, report, source = load_rows(str(hf))
+    assert report.ok and loaded[0].images == ["hf:0:0", "hf:0:1"]
+    assert open_image(source(loaded[0].images[1])).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_a_parquet_file_loads_as_a_table_with_images_beside_it(tmp_path):
+    _write(tmp_path, [])
+    turns = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": TRACE}]
+    datasets.Dataset.from_dict({"id": ["p0", "p1"], "image": ["img/a.png", "img/b.png"],
+                                "conversations": [turns, turns]}).to_parquet(str(tmp_path / "train.parquet"))
+    rows, report, _ = load_rows(str(tmp_path / "train.parquet"))
+    assert report.ok and [r.id for r in rows] == ["p0", "p1"] and rows[1].images == [str(tmp_path / "img/b.png")]
+    (tmp_path / "gone.parquet").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="gone.parquet: it does not exist"):
+        load_rows(str(tmp_path / "gone.parquet"))
+
+
+def test_a_dataset_dict_gives_its_train_split_and_an_eval_dict_its_test_split(tmp_path):
+    turns = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": TRACE}]  # the second: the staged answer
+
+    def split(ids):  # a question of its own per row
+        return datasets.Dataset.from_dict({"id": ids, "conversations": [
+            [{"from": "human", "value": f"Q {i}?"}, turns[1]] for i in ids]})
+
+    datasets.DatasetDict({"train": split(["t0", "t1", "t2"]), "test": split(["e0"])}).save_to_disk(str(tmp_path / "d"))
+    rows, _, source = load_rows(str(tmp_path / "d"))
+    train, held = split_rows(rows, str(tmp_path / "d"), 0, None, source)
+    assert [r.id for r in train] == ["t0", "t1", "t2"] and [r.id for r in held] == ["e0"]
+    datasets.DatasetDict({"validation": split(["v0"])}).save_to_disk(str(tmp_path / "only"))
+    assert [r.id for r in load_rows(str(tmp_path / "only"))[0]] == ["v0"]  # its one split
+    datasets.DatasetDict({"a": split(["a0"]), "b": split(["b0"])}).save_to_disk(str(tmp_path / "ab"))
+    with pytest.raises(ValueError, match="holds the splits a, b, none of them train"):
+        load_rows(str(tmp_path / "ab"))
+
+
+def test_an_eval_split_of_training_rows_or_of_no_rows_is_refused(tmp_path, caplog):
+    data = _write(tmp_path, [_row("a"), _row("b", image="img/b.png"), _row("c", human="Other?")])
+    rows, _, source = load_rows(str(data))
+    with pytest.raises(ValueError, match="every held-out row is also a training row"):
+        split_rows(rows, str(data), 0, None, source)
+    some = _write(tmp_path, [_row("x"), _row("new", human="New?")], name="some.jsonl")
+    with caplog.at_level("WARNING", logger="stagereason.train.data"):
+        train, held = split_rows(rows, str(some), 0, None, source)
+    assert len(held) == 2 and "1 of 2 held-out rows (--eval_split" in caplog.text
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no rows in it"):
+        split_rows(rows, str(tmp_path / "empty.jsonl"), 0, None, source)
+    assert split_rows(rows, "0.0", 0)[1] == [] and split_rows(rows, 0.0, 0)[1] == []
+
+
+def test_a_fraction_split_keeps_the_rows_about_one_image_together(tmp_path):
+    rows = [_row(f"a{i}", human=f"Question {i} on a?") for i in range(6)]
+    rows += [_row(f"b{i}", image="img/b.png", human=f"Question {i} on b?") for i in range(4)]
+    rows += [{**_row(f"t{i}", human=f"Text only {i}?"), "image": None} for i in range(10)]
+    loaded, _, _ = load_rows(str(_write(tmp_path, rows)))
+    for seed in range(8):
+        train, held = split_rows(loaded, "0.25", seed)
+        assert len(train) + len(held) == 20 and len(held) >= 5
+        seen = {tuple(r.images) for r in train if r.images}
+        assert not any(tuple(r.images) in seen for r in held if r.images)  # no held-out image was trained on
+    with pytest.raises(ValueError, match="rows about the same images stay together"):
+        split_rows(loaded[:6], "0.5", 0)  # one image: it cannot be on both sides
+
+
+def test_windows_line_ends_are_read_as_newlines(tmp_path):
+    rows = [_row("crlf", human="Line one.\r\nLine two?")]
+    rows[0]["conversations"][1]["value"] = TRACE.replace("\n", "\r\n")
+    (loaded,), _, _ = load_rows(str(_write(tmp_path, rows)))
+    texts = [c["text"] for m in loaded.messages for c in m["content"] if c["type"] == "text"]
+    assert texts == ["Line one.\nLine two?", TRACE] and not any("\r" in t for t in texts)

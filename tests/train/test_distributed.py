@@ -105,11 +105,14 @@ def test_each_process_decodes_a_share_of_the_images_and_all_hear_of_a_bad_one(sc
     (data / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["-m", "stagereason.cli", "train", "--dataset", data, "--use_cpu", "true", "--output_dir", tmp_path / "run",
             "--eval_split", "4"]
-    res = _torchrun(*args, "--model_name_or_path", tmp_path / "no-such-model")
+    weightless = tmp_path / "weightless"  # its config and processor read, but no weights to load
+    shutil.copytree(tiny_dir, weightless)
+    (weightless / "model.safetensors").unlink()
+    res = _torchrun(*args, "--model_name_or_path", weightless)
     assert res.returncode != 0
     # both processes stop, naming the row (rank 0 never decoded that image itself), before the model loads: the
-    # missing model is never reached, and nothing is written
-    assert res.stderr.count(f"{rows[1]['id']}: image: image ") == 2 and "no-such-model" not in res.stderr
+    # missing weights are never reached, and nothing is written
+    assert res.stderr.count(f"{rows[1]['id']}: image: image ") == 2 and "model.safetensors" not in res.stderr
     assert not (tmp_path / "run").exists()
     res = _torchrun(*args, "--model_name_or_path", tiny_dir, "--dry_run", "--skip_invalid", "--json")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -286,6 +287,8 @@ def test_activation_offloading_without_a_gpu_is_refused_before_the_model_loads(t
      "the stage-aware evaluation that logs it is off"),
     (["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "steps",
       "--eval_split", "none"], "--load_best_model_at_end needs held-out rows"),
+    (["--peft", "none", "--vision_lora", "true"], "--vision_lora adds LoRA to the vision encoder, and --peft none"),
+    (["--eval_split", "nan"], "--eval_split nan: a fraction below 1, a row count, a dataset path, or none"),
 ])
 def test_options_the_trainer_would_refuse_late_are_refused_before_the_model_loads(tiny_dir, scenes, tmp_path,
                                                                                   monkeypatch, flags, match):
@@ -385,6 +388,52 @@ def test_run_dir_describes_itself(tiny_dir, scenes, tmp_path, capsys, monkeypatc
     assert "is not empty; pass --resume_from_checkpoint auto" in capsys.readouterr().err
 
 
+def test_a_run_given_relative_paths_loads_from_anywhere_and_a_finished_run_is_not_trained_again(
+        tiny_dir, scenes, tmp_path, capsys, monkeypatch):
+    import hashlib
+    import shutil
+
+    from stagereason.infer.reasoner import Reasoner
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_dir, work / "tiny")
+    shutil.copytree(scenes, work / "data")
+    monkeypatch.chdir(work)
+    args = ["train", "--model_name_or_path", "tiny", "--dataset", "data", "--output_dir", "run", "--peft", "lora",
+            "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "4",
+            "--gradient_checkpointing", "false", "--eval_split", "none", "--logging_steps", "1", "--json"]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out)  # standard output is the JSON object alone (the trainer's own prints go to stderr)
+    assert summary["steps"] == 2
+    run = work / "run"
+    info = json.loads((run / "run_info.json").read_text())
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    saved = yaml.safe_load((run / "train_config.yaml").read_text())
+    assert info["base_model"] == adapter["base_model_name_or_path"] == saved["model_name_or_path"] == str(work / "tiny")
+    assert info["dataset"] == saved["dataset"] == str(work / "data") and saved["output_dir"] == str(run)
+    # elsewhere, and where another folder is called tiny: the run still loads its own base
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert Reasoner.from_pretrained(run, max_stage_tokens=3).model.base_model.model.name_or_path == str(work / "tiny")
+    (cfg,) = parse_config((TrainConfig,), ["--config", str(run / "train_config.yaml")])
+    assert cfg.dataset == str(work / "data")
+    # the same command again, resuming: the run has reached its last step, so nothing trains or changes
+    monkeypatch.chdir(work)
+    digest = {p.relative_to(run): hashlib.sha1(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    assert main([*args, "--resume_from_checkpoint", "auto"]) == 0
+    captured = capsys.readouterr()
+    assert "nothing to do: run holds this run, finished at step 2" in captured.err
+    assert json.loads(captured.out) == json.loads((run / "train_summary.json").read_text())
+    assert digest == {p.relative_to(run): hashlib.sha1(p.read_bytes()).hexdigest() for p in run.rglob("*")
+                      if p.is_file()}
+    # asked for more steps, it trains on from there
+    assert main([*args, "--resume_from_checkpoint", "auto", "--max_steps", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+
+
 def test_the_saved_config_gives_back_the_pad_and_eos_tokens_and_keeps_the_hub_token_secret(tmp_path):
     from stagereason.config import dump_config
 
@@ -418,7 +467,89 @@ def test_the_python_api_trains_as_the_verb_does(tiny_dir, scenes, tmp_path):
         api.TrainConfig(output_dir=str(tmp_path / "p"), packing=True, **common)
 
 
-def test_invalid_dataset_fails_before_the_model_loads(scenes, tmp_path, capsys):
+def test_rows_and_options_the_first_batch_or_evaluation_would_fail_on_are_refused_before_the_model_loads(
+        tiny_dir, scenes, tmp_path, capsys, monkeypatch):
+    from stagereason.train import runner
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "_load", no_model)
+    rows = [json.loads(x) for x in (scenes / "data.jsonl").read_text().splitlines()]
+    rows[2]["conversations"][0]["value"] = "<|image|>" + rows[2]["conversations"][0]["value"]  # a second image token
+    gpt = rows[3]["conversations"][1]  # would end the turn early, the rest outside the labels
+    gpt["value"] = gpt["value"].replace(" </REASONING>", " <|eot_id|> </REASONING>")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "images").symlink_to(scenes / "images")
+    args = ["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(data), "--output_dir",
+            str(tmp_path / "run"), "--eval_split", "none"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"row {rows[2]['id']}: special token: turn 1 (user) holds '<|image|>', one of the model's special" in err
+    assert f"row {rows[3]['id']}: special token: turn 2 (assistant) holds '<|eot_id|>'" in err
+    assert main([*args, "--skip_invalid", "--dry_run", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["invalid_dropped"] == 2 and summary["train_rows"] == len(rows) - 2
+    # an evaluation asked for with no held-out rows: refused now, not at the first evaluation
+    assert main([*args, "--skip_invalid", "--eval_strategy", "steps"]) == 1
+    assert "--eval_strategy steps needs held-out rows, and there are none (--eval_split is none)" in \
+        capsys.readouterr().err
+    # a model that is not there is named before the dataset is read
+    assert main(["train", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset", str(tmp_path / "nodata"),
+                 "--output_dir", str(tmp_path / "run")]) == 1
+    assert f"--model_name_or_path {tmp_path / 'no-model'} is neither a local model directory" in \
+        capsys.readouterr().err
+
+
+def test_stage_evaluation_answers_a_multi_turn_row_with_its_earlier_turns(tiny_dir, scenes, tmp_path, monkeypatch):
+    from stagereason.infer import generate
+
+    rows = [json.loads(x) for x in (scenes / "data.jsonl").read_text().splitlines()]
+    held = [dict(r) for r in rows[:2]]
+    for r in held:  # a first exchange, then the question asked again in other words
+        r["conversations"] = [*r["conversations"], {"from": "human", "value": "Say it once more."},
+                              r["conversations"][1]]
+    (tmp_path / "images").symlink_to(scenes / "images")
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    asked = []
+    real = generate.generate_greedy
+
+    def spy(model, processor, items, **kwargs):
+        asked.extend(items)
+        return real(model, processor, items, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_greedy", spy)
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--eval_split", str(tmp_path / "held.jsonl")))
+    metrics = setup.trainer.stage_eval()
+    assert len(asked) == 2 and 0 <= metrics["format_rate"] <= 1
+    for (images, prompt), row in zip(asked, setup.trainer.stage_rows, strict=True):
+        assert len(images) == 1 and prompt == row.messages[:3]  # user, assistant, user: all but the last answer
+        assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
+        assert prompt[2]["content"] == [{"type": "text", "text": "Say it once more."}]
+
+
+def test_a_separate_eval_set_takes_its_own_image_root(tiny_dir, scenes, tmp_path):
+    rows = [json.loads(x) for x in (scenes / "data.jsonl").read_text().splitlines()]
+    (tmp_path / "lists").mkdir()
+    held = tmp_path / "lists" / "held.jsonl"  # its image paths are relative to the scenes folder, not to its own
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    train = tmp_path / "train.jsonl"  # the other rows, images beside it
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    (tmp_path / "images").symlink_to(scenes / "images")
+    with pytest.raises(ValueError, match="missing image"):
+        build_trainer(_cfg(tiny_dir, train, tmp_path / "run", "--eval_split", str(held), "--dry_run", "true"))
+    setup = build_trainer(_cfg(tiny_dir, train, tmp_path / "run", "--eval_split", str(held), "--eval_image_root",
+                               str(scenes), "--dry_run", "true"))
+    assert setup.data["eval_rows"] == 3 and setup.data["train_rows"] == len(rows) - 3
+
+
+def test_invalid_dataset_fails_before_the_model_loads(tiny_dir, scenes, tmp_path, capsys):
+    import shutil
+
+    weightless = tmp_path / "weightless"  # its config and processor read, but no weights to load
+    shutil.copytree(tiny_dir, weightless)
+    (weightless / "model.safetensors").unlink()
     lines = (scenes / "data.jsonl").read_text().splitlines()
     bad = [json.loads(x) for x in lines[:6]]
     bad[1]["image"] = "images/missing.png"
@@ -426,9 +557,9 @@ def test_invalid_dataset_fails_before_the_model_loads(scenes, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in bad))
     (tmp_path / "images").symlink_to(scenes / "images")
-    args = ["train", "--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset", str(data),
+    args = ["train", "--model_name_or_path", str(weightless), "--dataset", str(data),
             "--output_dir", str(tmp_path / "run")]
-    assert main(args) == 1  # the data is checked first: the missing model is never reached
+    assert main(args) == 1  # the data is checked first: the missing weights are never reached
     err = capsys.readouterr().err
     assert "2 invalid row(s)" in err and bad[1]["id"] in err and bad[3]["id"] in err and "--skip_invalid" in err
     assert not (tmp_path / "run").exists()
@@ -777,11 +908,47 @@ def test_overwrite_waits_for_the_trainer_and_never_deletes_the_runs_own_input(ti
     with pytest.raises(FileExistsError, match="holds no complete checkpoint"):  # nothing to resume from
         build_trainer(_cfg(tiny_dir, scenes, out, "--resume_from_checkpoint", "auto"))
     assert (out / "model.safetensors").is_file()
-    # a valid run with --overwrite_output_dir: the old contents go once its trainer is built, and it trains there
+    # a valid run with --overwrite_output_dir: the old contents are set aside once its trainer is built (a hidden
+    # folder beside it), and removed once its first step has trained
     setup = build_trainer(_cfg(tiny_dir, scenes, out, "--overwrite_output_dir", "true", "--max_steps", "1"))
     assert not (out / "model.safetensors").exists() and not (out / "data").exists()
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".run.previous-")]
+    assert (aside / "model.safetensors").read_text() == "previous run" and (aside / "data" / "data.jsonl").is_file()
     setup.trainer.train()
-    assert (out / "checkpoint-1").is_dir()
+    assert (out / "checkpoint-1").is_dir() and not aside.exists()
+
+
+def test_overwrite_puts_the_old_run_back_when_the_first_step_fails(tiny_dir, scenes, tmp_path, monkeypatch):
+    from stagereason.train.trainer import StageSFTTrainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_text("previous run")
+
+    def out_of_memory(self, *args, **kwargs):  # what a first step too big for the GPU raises
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(StageSFTTrainer, "training_step", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_train(_cfg(tiny_dir, scenes, out, "--overwrite_output_dir", "true", "--max_steps", "1"))
+    assert [p.name for p in out.iterdir()] == ["adapter_model.safetensors"]
+    assert (out / "adapter_model.safetensors").read_text() == "previous run"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing left aside
+
+
+def test_overwrite_never_deletes_the_rows_images(tiny_dir, scenes, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(scenes, out / "data")  # a dataset elsewhere whose image paths point into the output dir
+    rows = [json.loads(x) for x in (scenes / "data.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(out / "data" / r["image"])
+    data = tmp_path / "abs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FileExistsError, match=rf"holds {len(rows)} image\(s\) of this run's rows \(row {rows[0]['id']}"):
+        build_trainer(_cfg(tiny_dir, data, out, "--overwrite_output_dir", "true"))
+    assert len(list((out / "data" / "images").iterdir())) == len(rows)
 
 
 def test_rows_the_chat_template_refuses_are_named_or_dropped(tiny_dir, scenes, tmp_path, capsys):
