@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from typing import Any
 
@@ -25,9 +26,20 @@ def json_stdout():
         _json_out = previous
 
 
+def _finite(data: Any) -> Any:
+    """``data`` with NaN and infinities as None: strict JSON readers (jq, JavaScript) refuse ``NaN``."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def print_json(data: Any, **kwargs) -> None:
     """Print ``data`` as one JSON line on standard output (the real one, inside :func:`json_stdout`)."""
-    print(json.dumps(data, default=str, **kwargs), file=_json_out or sys.stdout, flush=True)
+    print(json.dumps(_finite(data), default=str, **kwargs), file=_json_out or sys.stdout, flush=True)
 
 
 def report(title: str, data: dict[str, Any], as_json: bool = False) -> None:

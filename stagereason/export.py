@@ -158,12 +158,12 @@ def run_export(cfg: ExportConfig) -> dict:
     if not run.is_dir():
         raise FileNotFoundError(f"run dir {run} does not exist")
     info = _run_info(run)
-    check_out_dir(cfg.out, cfg.force)  # refuse before any heavy work
     base = cfg.base or info.get("base_model")
     inside = inputs_inside(cfg.out, [("--adapter", cfg.adapter), ("--base" if cfg.base else "the base model", base)])
     if inside:
         raise FileExistsError(f"--out {cfg.out} would replace this export's input ({', '.join(inside)}); choose "
                               "another --out")
+    check_out_dir(cfg.out, cfg.force)  # refuse before any heavy work
     if info["kind"] == "adapter" and not base:
         raise ValueError(f"{run} does not record its base model; pass --base")
     dtype = resolve_dtype(cfg.dtype)

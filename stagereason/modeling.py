@@ -268,7 +268,8 @@ def model_config(name_or_path: str | Path, flag: str = "model"):
         return AutoConfig.from_pretrained(str(name_or_path))
     except OSError as err:
         raise FileNotFoundError(f"{flag} {name_or_path} is neither a local model directory nor a hub model that "
-                                f"can be reached ({type(err).__name__})") from err
+                                f"can be reached ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                                ) from err
 
 
 def load_model(

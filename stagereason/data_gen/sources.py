@@ -202,7 +202,11 @@ def _open_hf(path: str, split: str | tuple[str, ...], name: str | None):
         return _pick_split(ds, want, path) if isinstance(ds, datasets.DatasetDict) else ds
     if len(want) == 1:
         return datasets.load_dataset(path, name, split=want[0])
-    return _pick_split(datasets.load_dataset(path, name), want, path)
+    names = datasets.get_dataset_split_names(path, name)  # only the split used is prepared
+    split = next((s for s in want if s in names), names[0] if len(names) == 1 else None)
+    if split is None:
+        raise ValueError(f"{path} holds the splits {', '.join(names)}, none of them {' or '.join(want)}")
+    return datasets.load_dataset(path, name, split=split)
 
 
 def _pick_split(ds, want: tuple[str, ...], path: str):

@@ -112,7 +112,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     out = _check(cfg)
     rows, rep, source = load_rows(cfg.data, cfg.image_root, check_images=False, skip_invalid=cfg.skip_invalid,
-                                  questions=True)
+                                  questions=True, tag="hfeval")  # of a DatasetDict: its test / validation split
     rows = rows[: cfg.limit] if cfg.limit is not None else rows
     if not rows:
         raise ValueError(f"no rows to evaluate in {cfg.data} ({rep.rows} read, {len(rep.problems)} invalid)")

@@ -266,8 +266,8 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
                source: ImageSource | None = None, *, skip_invalid: bool = False):
     """``eval_split`` is a fraction (``0.05``), a row count (``200``), a dataset path, or empty for none.
 
-    A fraction or count holds out whole groups of rows that share their images (at least that many rows), so that
-    no held-out image was trained on; rows without an image are each their own group.
+    A fraction or count holds out whole groups of rows that share their images (rows without an image: their
+    question and answer), as many as fit in that many rows, so that no held-out image was trained on.
 
     A separate eval dataset is loaded as :func:`load_rows` loads the training
     data (its invalid rows dropped with ``skip_invalid``, else an error); its
@@ -290,24 +290,31 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
     if frac == 0:
         return rows, []
     n = int(round(frac * len(rows))) if frac < 1 else int(frac)
-    # rows about the same images (several questions on one image) stay on one side: held-out images are unseen
+    if not 0 < n < len(rows):
+        raise ValueError(f"--eval_split {eval_split} leaves no training or no eval rows out of {len(rows)}: give a "
+                         "row count (e.g. --eval_split 1) or --eval_split none")
+    # rows about the same images (several questions on one image), or the same text-only question and answer,
+    # stay on one side: no held-out image or row was trained on. Whole groups are held out while they fit in n.
     groups: dict = {}
     for i, r in enumerate(rows):
-        groups.setdefault(tuple(map(str, r.images)) if r.images else i, []).append(i)
+        key = ("images", *map(str, r.images)) if r.images else ("text", r.question, r.answer)
+        groups.setdefault(key, []).append(i)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     held: set[int] = set()
     for group in order:
-        if len(held) >= n:
+        if len(held) + len(group) <= n:
+            held.update(group)
+        if len(held) == n:
             break
-        held.update(group)
-    if not 0 < n or not 0 < len(held) < len(rows):
-        raise ValueError(f"--eval_split {eval_split} leaves no training or no eval rows out of {len(rows)} (rows "
-                         "about the same images stay together): give a row count (e.g. --eval_split 1) or "
-                         "--eval_split none")
-    train, held_out = [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-    _warn_overlap(train, held_out, eval_split)
-    return train, held_out
+    if not held:  # every group is larger than n: by row, the groups then on both sides
+        logger.warning("--eval_split %s: every group of rows about one image holds more than %d rows; held-out rows "
+                       "are drawn one by one, so their images are also trained on", eval_split, n)
+        held = set(sum(order, [])[:n])
+    elif len(held) < n:
+        logger.info("--eval_split %s: %d rows held out (whole groups of rows about one image fit no closer to %d)",
+                    eval_split, len(held), n)
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def _warn_overlap(train: list[Row], held_out: list[Row], eval_split) -> None:
@@ -318,7 +325,7 @@ def _warn_overlap(train: list[Row], held_out: list[Row], eval_split) -> None:
 
     seen = {key(r) for r in train}
     both = [r for r in held_out if key(r) in seen]
-    if both and len(both) == len(held_out):
+    if both and len(both) == len(held_out):  # a separate eval dataset: a fraction's groups never overlap
         raise ValueError(f"--eval_split {eval_split}: every held-out row is also a training row (the same question, "
                          "images and answer): is it the training data? give rows kept out of training")
     if both:

@@ -47,6 +47,9 @@ def _prepare_output_dir(cfg: TrainConfig) -> tuple[str | None, bool]:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file; choose another --output_dir")
+    for aside in set_aside_runs(out):
+        logger.warning("%s holds what an earlier --overwrite_output_dir run of %s set aside; it was stopped before "
+                       "its first step had trained: move it back or remove it", aside, out)
     resume = cfg.resume_from_checkpoint
     if resume == "auto":
         resume = last_complete_checkpoint(out) if out.is_dir() else None
@@ -120,8 +123,8 @@ def _input_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
 
 def check_images_outside(out: Path, rows) -> None:
     """Refuse to replace an output dir that holds images of the rows (they would be gone before training)."""
-    inside = inputs_inside(out, ((f"row {r.id}: image", ref) for r in rows for ref in r.images
-                                 if isinstance(ref, str)))
+    inside = inputs_inside(out, [(f"row {r.id}: image", ref) for r in rows for ref in r.images
+                                 if isinstance(ref, str)])
     if inside:
         raise FileExistsError(f"--overwrite_output_dir would delete {out}, which holds {len(inside)} image(s) of "
                               f"this run's rows ({inside[0]}{', ...' if len(inside) > 1 else ''}); choose another "
@@ -130,36 +133,65 @@ def check_images_outside(out: Path, rows) -> None:
 
 class PreviousRun(TrainerCallback):
     """The old contents of an output dir that ``--overwrite_output_dir`` replaces: renamed aside (a hidden folder
-    beside it) when the new run is ready, removed once its first step has trained, put back if it fails first.
-    Only the main process moves files; a run killed before its first step leaves them in the hidden folder."""
+    beside it) when the new run is ready, removed once its first step has trained, put back if the run fails or is
+    stopped by a signal before. Only the main process moves files. A run killed before its first step leaves them
+    in the hidden folder, which the next run in that output dir names (:func:`_prepare_output_dir`).
+
+    An output dir that is a symbolic link stays one: the folder it points to is set aside and made anew.
+    """
 
     def __init__(self, out: Path):
-        self.out, self.aside = Path(out), None
+        self.out = Path(os.path.realpath(out))
+        self.aside: Path | None = None
+        self.keep = lambda: False  # True while the previous contents must stay (a stop was asked for)
 
     def set_aside(self) -> None:
         for n in range(1000):
-            aside = self.out.parent / f".{self.out.name}.previous-{os.getpid()}{f'-{n}' if n else ''}"
+            aside = self.out.parent / f"{_ASIDE_PREFIX.format(name=self.out.name)}{os.getpid()}{f'-{n}' if n else ''}"
             if not os.path.lexists(aside):
                 break
         self.out.rename(aside)
+        self.out.mkdir()  # where a link points, and where the trainer writes
         self.aside = aside
         logger.warning("--overwrite_output_dir: the previous contents of %s are set aside in %s and removed once "
                        "the first step has trained", self.out, aside)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if not self.keep():
+            self.drop()
+
+    def drop(self) -> None:
+        """Remove the previous contents (the new run is under way)."""
         if self.aside is not None:
             shutil.rmtree(self.aside, ignore_errors=True)
             self.aside = None
 
-    def restore(self) -> None:
-        """Put the previous contents back (the new run failed before its first step trained)."""
+    def restore(self, why: str) -> bool:
+        """Put the previous contents back: the new run ``why`` (failed, or was stopped) before its first step had
+        trained. Returns whether there was anything to put back."""
         if self.aside is None or not self.aside.is_dir():
-            return
-        if self.out.exists():
-            shutil.rmtree(self.out)  # only what this run wrote: its inputs were checked to lie outside
-        self.aside.rename(self.out)
+            return False
+        try:
+            if self.out.exists():
+                shutil.rmtree(self.out)  # only what this run wrote: its inputs were checked to lie outside
+            self.aside.rename(self.out)
+            logger.warning("the run %s before its first step had trained: %s holds its previous contents again", why,
+                           self.out)
+        except OSError as err:  # never hide why the run ended; say where the old contents are
+            logger.error("the previous contents of %s could not be put back (%s): they are in %s", self.out, err,
+                         self.aside)
         self.aside = None
-        logger.warning("the run failed before its first step: %s holds its previous contents again", self.out)
+        return True
+
+
+_ASIDE_PREFIX = ".{name}.previous-"
+
+
+def set_aside_runs(out: Path) -> list[Path]:
+    """Hidden folders beside ``out`` holding what an ``--overwrite_output_dir`` run killed before its first step
+    had set aside."""
+    real = Path(os.path.realpath(out))
+    return sorted(p for p in real.parent.glob(_ASIDE_PREFIX.format(name=real.name) + "*") if p.is_dir())
 
 
 def _versions() -> dict:
@@ -349,9 +381,10 @@ def finished_run(out: Path, resume: str | None, last_step: int) -> dict | None:
     except (OSError, ValueError):
         summary = None
     if not isinstance(summary, dict) or summary.get("steps", -1) < step:
-        raise ValueError(f"--resume_from_checkpoint {resume} is at step {step}, the run's last ({last_step}), and "
-                         f"{out} has no train_summary.json of it (the run stopped while saving): its weights are in "
-                         "that checkpoint; to train more, raise --max_steps or --num_train_epochs")
+        raise ValueError(f"--resume_from_checkpoint {resume} is at step {step}, at or past the {last_step} steps "
+                         f"this run's settings give, and {out} has no train_summary.json of a finished run (one that "
+                         "stopped while saving, or settings that changed): its weights are in that checkpoint; to "
+                         "train more, raise --max_steps or --num_train_epochs")
     return summary
 
 

@@ -38,12 +38,20 @@ __all__ = ["TrainConfig", "TrainSetup", "build_trainer", "run_train", "StageSFTT
 
 logger = logging.getLogger(__name__)
 
-def _special_tokens(tok):
-    """A pattern of the tokenizer's special tokens (``<|image|>``, ``<|eot_id|>``...), None if it has none."""
+def _special_tokens(processor, template: str):
+    """A pattern of the special tokens that give a training row its structure, None if there are none: those the
+    chat template writes (turn headers and ends: ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``...), the
+    image and video tokens, and begin / end of text, padding and unknown. Other special tokens are data a row
+    may hold on purpose (Qwen-VL's ``<|box_start|>`` grounding, tool-call tags)."""
+    tok = getattr(processor, "tokenizer", processor)
     specials = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
     specials |= set(getattr(tok, "all_special_tokens", []))
-    specials.discard("")
-    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+    structural = {t for t in specials if t and t in (template or "")}
+    structural |= {getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    structural |= {getattr(processor, name, None) for name in ("image_token", "video_token", "boi_token",
+                                                                "eoi_token", "image_start_token", "image_end_token")}
+    structural = {t for t in structural if isinstance(t, str) and t}
+    return re.compile("|".join(map(re.escape, sorted(structural, key=len, reverse=True)))) if structural else None
 
 
 def _written_special_token(row: Row, pattern) -> str | None:
@@ -69,7 +77,7 @@ def _token_lengths(rows: list[Row], processor, template: str, report, skip_inval
     from jinja2 import TemplateError
 
     tok = processor.tokenizer
-    specials = _special_tokens(tok)
+    specials = _special_tokens(processor, template)
     texts, kept, refused = [], [], []
     for r in rows:
         problem = _written_special_token(r, specials)
@@ -352,12 +360,15 @@ def run_train(cfg: TrainConfig) -> dict:
     start = time.perf_counter()
     stop = _StopOnSignal()
     trainer.add_callback(stop)
+    previous = setup.previous if trainer.is_world_process_zero() else None  # the process that set it aside
+    if previous is not None:
+        previous.keep = lambda: stop.received is not None  # a stop at the first step puts it back
     stop.install()
     try:
         out = trainer.train(resume_from_checkpoint=setup.resume)
     except BaseException:
-        if setup.previous is not None and trainer.is_world_process_zero():
-            setup.previous.restore()
+        if previous is not None:
+            previous.restore("failed")
         raise
     finally:
         stop.uninstall()
@@ -369,11 +380,20 @@ def run_train(cfg: TrainConfig) -> dict:
     elif stop.stopped_at is not None:  # stopped by a signal: a checkpoint, no run summary (the run is not done)
         ckpt = Path(cfg.output_dir) / f"checkpoint-{stop.stopped_at}"
         name = signal.Signals(stop.received).name if stop.received else "a signal to another process"
-        if trainer.is_world_process_zero():
+        stopped = {"stopped_by": name, "steps": stop.stopped_at, "checkpoint": str(ckpt),
+                   "exit_status": 128 + (stop.received or signal.SIGTERM)}
+        if previous is not None and previous.restore(f"was stopped by {name}"):
+            print(f"stopped by {name} at step {stop.stopped_at}, before the run was under way: {cfg.output_dir} holds "
+                  "the previous run again; run the command again to replace it", file=sys.stderr)
+            stopped["checkpoint"] = None
+        elif trainer.is_world_process_zero():
             print(f"stopped by {name} at step {stop.stopped_at} of {trainer.state.max_steps}: saved {ckpt}; the same "
                   "command with --resume_from_checkpoint auto goes on from there", file=sys.stderr)
-        return {"stopped_by": name, "steps": stop.stopped_at, "checkpoint": str(ckpt),
-                "exit_status": 128 + (stop.received or signal.SIGTERM)}
+        if cfg.json and trainer.is_world_process_zero():
+            report("", stopped, as_json=True)
+        return stopped
+    if previous is not None:
+        previous.drop()  # kept by a signal at the last step, which ends the run as usual
     # training only, this run's part: evaluations during training are left out
     runtime = out.metrics.get("train_runtime", time.perf_counter() - start) - trainer.eval_seconds
     if trainer.eval_dataset is not None and _last_evaluation_is_stale(trainer):

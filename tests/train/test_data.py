@@ -3,6 +3,7 @@
 Assets: JSONL files, HF ``save_to_disk`` folders and images, all written here with PIL / ``datasets``.
 """
 
+import dataclasses
 import io
 import json
 import re
@@ -327,18 +328,23 @@ def test_an_eval_split_of_training_rows_or_of_no_rows_is_refused(tmp_path, caplo
     assert split_rows(rows, "0.0", 0)[1] == [] and split_rows(rows, 0.0, 0)[1] == []
 
 
-def test_a_fraction_split_keeps_the_rows_about_one_image_together(tmp_path):
+def test_a_fraction_split_keeps_the_rows_about_one_image_together(tmp_path, caplog):
     rows = [_row(f"a{i}", human=f"Question {i} on a?") for i in range(6)]
     rows += [_row(f"b{i}", image="img/b.png", human=f"Question {i} on b?") for i in range(4)]
     rows += [{**_row(f"t{i}", human=f"Text only {i}?"), "image": None} for i in range(10)]
     loaded, _, _ = load_rows(str(_write(tmp_path, rows)))
     for seed in range(8):
         train, held = split_rows(loaded, "0.25", seed)
-        assert len(train) + len(held) == 20 and len(held) >= 5
+        assert len(train) == 15 and len(held) == 5  # whole groups, as many as fit: never more than asked
         seen = {tuple(r.images) for r in train if r.images}
         assert not any(tuple(r.images) in seen for r in held if r.images)  # no held-out image was trained on
-    with pytest.raises(ValueError, match="rows about the same images stay together"):
-        split_rows(loaded[:6], "0.5", 0)  # one image: it cannot be on both sides
+    twice = loaded[6:] + [dataclasses.replace(r) for r in loaded[10:]]  # text-only rows repeated (upsampled)
+    for seed in range(4):
+        train, held = split_rows(twice, "0.25", seed)
+        assert not {(r.question, r.answer) for r in held} & {(r.question, r.answer) for r in train}
+    with caplog.at_level("WARNING", logger="stagereason.train.data"):  # one image: split by row, and said so
+        train, held = split_rows(loaded[:6], "0.5", 0)
+    assert len(held) == 3 and "held-out rows are drawn one by one" in caplog.text
 
 
 def test_windows_line_ends_are_read_as_newlines(tmp_path):

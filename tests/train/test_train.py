@@ -491,6 +491,18 @@ def test_rows_and_options_the_first_batch_or_evaluation_would_fail_on_are_refuse
     assert main([*args, "--skip_invalid", "--dry_run", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["invalid_dropped"] == 2 and summary["train_rows"] == len(rows) - 2
+    # special tokens that give a row no structure are data (tool calls, grounding boxes): kept
+    from transformers import AutoProcessor
+
+    from stagereason.train.runner import _special_tokens
+    from stagereason.train.templates import training_chat_template
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    pattern = _special_tokens(processor, training_chat_template(processor, "mllama"))
+    assert pattern.search("<|eot_id|>") and pattern.search("<|image|>") and pattern.search("<|begin_of_text|>")
+    assert "<|python_tag|>" in processor.tokenizer.all_special_tokens or any(
+        t.content == "<|python_tag|>" and t.special for t in processor.tokenizer.added_tokens_decoder.values())
+    assert not pattern.search("<|python_tag|>print(1)")
     # an evaluation asked for with no held-out rows: refused now, not at the first evaluation
     assert main([*args, "--skip_invalid", "--eval_strategy", "steps"]) == 1
     assert "--eval_strategy steps needs held-out rows, and there are none (--eval_split is none)" in \
@@ -934,6 +946,35 @@ def test_overwrite_puts_the_old_run_back_when_the_first_step_fails(tiny_dir, sce
     assert [p.name for p in out.iterdir()] == ["adapter_model.safetensors"]
     assert (out / "adapter_model.safetensors").read_text() == "previous run"
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing left aside
+
+
+def test_the_previous_run_of_a_linked_output_dir_is_set_aside_and_put_back_where_the_link_points(tmp_path, caplog):
+    from stagereason.fsio import inputs_inside
+    from stagereason.train.rundir import PreviousRun, _prepare_output_dir
+
+    real, link = tmp_path / "scratch" / "run1", tmp_path / "runs" / "run1"
+    real.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(real)
+    (real / "adapter_model.safetensors").write_text("previous run")
+    previous = PreviousRun(link)
+    previous.set_aside()
+    assert link.is_symlink() and link.resolve() == real and list(real.iterdir()) == []  # a link stays a link
+    (aside,) = [p for p in (tmp_path / "scratch").iterdir() if p.name.startswith(".run1.previous-")]
+    (link / "checkpoint-1").mkdir()  # what the new run wrote before it failed
+    assert previous.restore("failed") and [p.name for p in real.iterdir()] == ["adapter_model.safetensors"]
+    assert not aside.exists() and link.is_symlink()
+    # set aside and never put back (the run was killed): the next run in that output dir names the folder
+    previous = PreviousRun(link)
+    previous.set_aside()
+    (cfg,) = parse_config((TrainConfig,), ["--output_dir", str(link), "--overwrite_output_dir", "true"])
+    with caplog.at_level("WARNING", logger="stagereason.train.rundir"):
+        _prepare_output_dir(cfg)
+    assert f"{previous.aside} holds what an earlier --overwrite_output_dir run of {link} set aside" in caplog.text
+    # an input reached through a link inside the output dir is inside it, as written
+    (real / "imgs").symlink_to(tmp_path / "runs")
+    assert inputs_inside(link, [("row a: image", str(link / "imgs" / "run1"))]) == [
+        f"row a: image {link / 'imgs' / 'run1'}"]
 
 
 def test_overwrite_never_deletes_the_rows_images(tiny_dir, scenes, tmp_path):
