@@ -282,6 +282,7 @@ def load_model(
     device_map: str | dict | None = "auto",
     check_processor=None,
     processor=None,
+    config=None,
 ):
     """Load an image-text-to-text model and its processor.
 
@@ -301,6 +302,7 @@ def load_model(
         check_processor: called with the processor before any weight is loaded
             (so a model its caller cannot use fails in seconds, not minutes).
         processor: the processor, when the caller has loaded it already.
+        config: the model's config, when the caller has read it already (:func:`model_config`).
 
     Returns:
         ``(model, processor)``.
@@ -313,7 +315,7 @@ def load_model(
             model that is neither a local directory nor reachable on the hub.
     """
     name_or_path = str(name_or_path)
-    config = model_config(name_or_path)
+    config = config if config is not None else model_config(name_or_path)
     if processor is None:
         processor_src = name_or_path
         if adapter is not None and ((Path(adapter) / "processor_config.json").is_file()

@@ -48,3 +48,13 @@ def test_the_eval_recipe_shows_skip_invalid(monkeypatch):
     monkeypatch.chdir(ROOT)
     (cfg,) = parse_config(VERBS["eval"].configs(), ["--config", "infer/eval.yaml", "--skip_invalid"])
     assert "skip_invalid:" in (ROOT / "infer" / "eval.yaml").read_text() and cfg.skip_invalid
+
+
+def test_the_qlora_recipe_shows_the_eval_image_root(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    rel = "train/llama32v-11b-qlora.yaml"
+    (cfg,) = parse_config(VERBS["train"].configs(), ["--config", rel])
+    assert "eval_image_root:" in (ROOT / rel).read_text() and cfg.eval_image_root is None
+    (cfg,) = parse_config(VERBS["train"].configs(), ["--config", rel, "--eval_split", str(tmp_path / "held.jsonl"),
+                                                     "--eval_image_root", str(tmp_path / "images")])
+    assert cfg.eval_image_root == str(tmp_path / "images")

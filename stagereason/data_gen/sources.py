@@ -199,24 +199,21 @@ def _open_hf(path: str, split: str | tuple[str, ...], name: str | None):
         return datasets.load_dataset(HF_FILE_TYPES[p.suffix], data_files=str(p), split="train")
     if _is_hf_disk(p):
         ds = datasets.load_from_disk(str(p))
-        return _pick_split(ds, want, path) if isinstance(ds, datasets.DatasetDict) else ds
+        return ds[_pick_split(list(ds), want, path)] if isinstance(ds, datasets.DatasetDict) else ds
     if len(want) == 1:
         return datasets.load_dataset(path, name, split=want[0])
-    names = datasets.get_dataset_split_names(path, name)  # only the split used is prepared
-    split = next((s for s in want if s in names), names[0] if len(names) == 1 else None)
-    if split is None:
-        raise ValueError(f"{path} holds the splits {', '.join(names)}, none of them {' or '.join(want)}")
-    return datasets.load_dataset(path, name, split=split)
+    # the split's name first: only the split used is prepared
+    return datasets.load_dataset(path, name, split=_pick_split(datasets.get_dataset_split_names(path, name), want,
+                                                               path))
 
 
-def _pick_split(ds, want: tuple[str, ...], path: str):
-    for split in want:
-        if split in ds:
-            return ds[split]
-    if len(ds) == 1:
-        return next(iter(ds.values()))
-    raise ValueError(f"{path} holds the splits {', '.join(ds)}, none of them {' or '.join(want)}: save the split "
-                     "to use on its own, or give its folder")
+def _pick_split(names: list[str], want: tuple[str, ...], path: str) -> str:
+    """The first of ``want`` among a dataset's split ``names``, else its one split."""
+    found = next((s for s in want if s in names), names[0] if len(names) == 1 else None)
+    if found is None:
+        raise ValueError(f"{path} holds the splits {', '.join(names)}, none of them {' or '.join(want)}: save the "
+                         "split to use on its own")
+    return found
 
 
 def hf_examples(path: str, *, split: str = "train", name: str | None = None, id_column: str | None = None,

@@ -16,7 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stagereason.data_gen.records import iter_records
-from stagereason.data_gen.sources import _HF_DISK_FILES, IMAGE_PLACEHOLDER, _is_hf_disk, _unique_name, image_field
+from stagereason.data_gen.sources import (
+    _HF_DISK_FILES,
+    HF_FILE_TYPES,
+    IMAGE_PLACEHOLDER,
+    _is_hf_disk,
+    _unique_name,
+    image_field,
+)
 from stagereason.stages import TraceFormatError, parse_trace
 
 __all__ = ["ValidateConfig", "ValidationReport", "check_dataset", "resolve_data_file", "run_validate"]
@@ -30,7 +37,8 @@ class ValidateConfig:
                                                     "dataset (save_to_disk folder, parquet file, Hub name)."})
     image_root: str | None = dataclasses.field(
         default=None, metadata={"help": "Folder the rows' image paths are relative to (default: the file's folder)."})
-    check_images: bool = dataclasses.field(default=True, metadata={"help": "Open and decode every image."})
+    check_images: bool = dataclasses.field(default=True, metadata={
+        "help": "Open and decode every image (--no_check_images: only check that each is there)."})
     show: int = dataclasses.field(default=5, metadata={"help": "Row ids to list per problem."})
     json: bool = dataclasses.field(default=False, metadata={"help": "Print one JSON object."})
 
@@ -134,8 +142,9 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def _check_image(src, name: str | None = None) -> str | None:
-    """A problem with one image (a path, or a HF image cell), or None: decoded as training decodes it, small."""
+def _check_image(src, name: str | None = None, decode: bool = True) -> str | None:
+    """A problem with one image (a path, or a HF image cell), or None: there, and (``decode``) decoded as training
+    decodes it, small."""
     if not name:
         name = (src.get("name") or src.get("path") or "<bytes>") if isinstance(src, dict) else str(src)
     if isinstance(src, Path) and src.is_dir():
@@ -144,6 +153,8 @@ def _check_image(src, name: str | None = None) -> str | None:
         return f"missing image {src}"
     if isinstance(src, dict) and not src.get("bytes") and not (src.get("path") and Path(src["path"]).is_file()):
         return f"missing image {name}"
+    if not decode:
+        return None
     try:
         with _open_pil(src) as im:
             im.draft("RGB", (64, 64))  # JPEGs decode at reduced scale: fast, still reads every byte
@@ -219,14 +230,15 @@ def check_row(rec: dict, row: str, root: Path, report: ValidationReport, questio
 
 
 def _check_all_images(to_check: list[tuple[str, object]], report: ValidationReport, workers: int = 8,
-                      load=None) -> None:
-    """Decode each ``(row, image)`` (``load(image)`` first when given) and report the ones that fail.
+                      load=None, decode: bool = True) -> None:
+    """Decode each ``(row, image)`` (``load(image)`` first when given; without ``decode``, only find it) and report
+    the ones that fail.
 
     In a distributed run (``torch.distributed`` initialised, as under ``accelerate launch``) every process
     decodes its share of the images and all of them get every error.
     """
     def one(src):
-        return _check_image(load(src) if load else src)
+        return _check_image(load(src) if load else src, decode=decode)
 
     unique = list(dict.fromkeys(src for _, src in to_check))
     world, rank = _processes()
@@ -257,7 +269,8 @@ def _processes() -> tuple[int, int]:
 
 
 def check_dataset(path: str | Path, image_root: str | Path | None = None, check_images: bool = True,
-                  workers: int = 8, records: list | None = None, questions: bool = False) -> ValidationReport:
+                  workers: int = 8, records: list | None = None, questions: bool = False,
+                  decode: bool = True) -> ValidationReport:
     """Validate a dataset (see the module docstring). Never raises on bad rows; see the report.
 
     ``records``, when given, receives ``(name, row)`` for every JSON-object row as read, named as the
@@ -289,27 +302,27 @@ def check_dataset(path: str | Path, image_root: str | Path | None = None, check_
         to_check += [(row, p) for p in check_row(rec, row, root, report, questions)]
     report.images = len(to_check)
     if check_images and to_check:
-        _check_all_images(to_check, report, workers)
+        _check_all_images(to_check, report, workers, decode=decode)
     return report
 
 
+def is_data_file(path: str | Path) -> bool:
+    """Whether ``path`` is a LLaVA-layout file (JSON / JSON Lines), or a folder holding one, rather than a HF
+    dataset (a ``save_to_disk`` folder, a parquet / arrow file, a Hub name)."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix not in HF_FILE_TYPES
+    return p.is_dir() and not _is_hf_disk(p) and bool(_data_files(p))
+
+
 def _report(cfg: ValidateConfig) -> ValidationReport:
-    """A data file as :func:`check_dataset` checks it; a HF dataset (a ``save_to_disk`` folder, a parquet file, a
-    Hub name) as training loads it. Without decoding (``--no_check_images``), images must still exist."""
-    p = Path(cfg.path)
-    if p.is_file() and p.suffix not in (".parquet", ".arrow") or p.is_dir() and not _is_hf_disk(p) and _data_files(p):
-        records: list = []
-        rep = check_dataset(cfg.path, cfg.image_root, cfg.check_images, records=records)
-        if not cfg.check_images:
-            root = Path(cfg.image_root) if cfg.image_root else resolve_data_file(cfg.path).parent
-            for name, rec in records:
-                for img in check_row(rec, name, root, ValidationReport(path=rep.path)):
-                    if not img.is_file():
-                        rep.add(name, "image", f"missing image {img}")
-        return rep
+    """A data file as :func:`check_dataset` checks it; a HF dataset as training loads it. Without decoding
+    (``--no_check_images``), images must still be there."""
+    if is_data_file(cfg.path):
+        return check_dataset(cfg.path, cfg.image_root, decode=cfg.check_images)
     from stagereason.train.data import load_rows
 
-    return load_rows(cfg.path, cfg.image_root, skip_invalid=True, check_images=cfg.check_images)[1]
+    return load_rows(cfg.path, cfg.image_root, skip_invalid=True, decode=cfg.check_images)[1]
 
 
 def run_validate(cfg: ValidateConfig) -> int:

@@ -108,6 +108,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from stagereason.console import report
     from stagereason.data_gen.records import atomic_write_text
     from stagereason.infer.reasoner import Reasoner
+    from stagereason.infer.search import ONE_PATH
     from stagereason.train.data import load_rows
 
     out = _check(cfg)
@@ -127,7 +128,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     for p in preds:
         fam[p["family"] or "all"]["n"] += 1
         fam[p["family"] or "all"]["correct"] += p["correct"]
-    one_path = cfg.search in ("greedy", "sample")  # no candidates, no judge
+    one_path = cfg.search in ONE_PATH
     result = {
         "n": n, "skipped": len(errors), "skipped_rows": errors[:20], "accuracy": sum(p["correct"] for p in preds) / n,
         "format_rate": sum(p["format_ok"] for p in preds) / n,

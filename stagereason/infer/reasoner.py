@@ -107,7 +107,7 @@ class Reasoner:
             ValueError: empty question, unreadable image, unknown search or judge.
             FileNotFoundError: a missing image file.
         """
-        from stagereason.infer.search import run_search
+        from stagereason.infer.search import ONE_PATH, run_search
 
         self._check_search(search)
         if self.kind is not None:  # greedy on another VLM: the batched path, one question
@@ -124,7 +124,7 @@ class Reasoner:
                 self.model, self.processor, images, question, search=search, beam_size=beam_size,
                 judge=judge, max_stage_tokens=max_stage_tokens or self.max_stage_tokens,
                 temperature=self.temperature if temperature is None else temperature, top_p=self.top_p)
-        one_path = search in ("greedy", "sample")  # one candidate, nothing to judge
+        one_path = search in ONE_PATH
         usage = _usage(log, encode_s, time.perf_counter() - t0, search=search, beam_size=1 if one_path else beam_size,
                        judge=None if one_path else judge if isinstance(judge, str)
                        else getattr(judge, "__name__", "callable"))

@@ -18,6 +18,7 @@ from stagereason.stages import STAGES, StagedTrace, TraceFormatError, close_tag,
 __all__ = ["STRATEGIES", "run_search"]
 
 STRATEGIES = ("greedy", "sample", "best_of_n", "sentence", "stage")
+ONE_PATH = ("greedy", "sample")  # one candidate a stage: no beam, nothing to judge
 _SENTENCE_ENDS = (". ", ".\n")
 
 
@@ -134,7 +135,7 @@ def check_options(search: str, beam_size: int, judge, max_stage_tokens: int | No
     if temperature is not None and search != "greedy" and temperature <= 0:
         raise ValueError(f"--temperature {temperature}: search {search!r} samples its candidates and needs a "
                          "temperature above 0 (--search greedy for a deterministic answer)")
-    if search not in ("greedy", "sample") and beam_size < 1:
+    if search not in ONE_PATH and beam_size < 1:
         raise ValueError(f"beam_size {beam_size}: must be at least 1 for search {search!r}")
     if not callable(judge) and judge not in ("self", "loglik"):
         raise ValueError(f"unknown judge {judge!r}; use self, loglik or a callable")
@@ -148,7 +149,7 @@ def run_search(model, processor, images: list, question: str, *, search: str = "
     t0 = time.perf_counter()
     prefix = Prefix(model, processor, images, question)
     encode_s = time.perf_counter() - t0
-    n = 1 if search in ("greedy", "sample") else beam_size
+    n = 1 if search in ONE_PATH else beam_size
     opts = {"do_sample": search != "greedy", "temperature": temperature, "top_p": top_p,
             "max_stage_tokens": max_stage_tokens}
     judge_ = _Judge(judge, model, processor, images[0] if images else None, question)

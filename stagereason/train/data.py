@@ -10,6 +10,7 @@ is checked here, before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import random
@@ -28,11 +29,11 @@ from stagereason.data_gen.sources import (
 from stagereason.data_gen.validate import (
     ValidationReport,
     _check_all_images,
-    _data_files,
     _open_pil,
     _to_rgb,
     check_dataset,
     check_row,
+    is_data_file,
     resolve_data_file,
 )
 
@@ -185,7 +186,8 @@ def _no_local_dataset(dataset: str) -> None:
 EVAL_SPLITS = ("test", "validation", "val", "eval", "dev")  # a separate eval dataset's split, by preference
 
 
-def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str, questions: bool = False):
+def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str, questions: bool = False,
+             decode: bool = True):
     """Rows of a HF dataset named and checked as :func:`check_dataset` checks a file, images decoded too.
 
     Its ``train`` split (a separate eval dataset: its test or validation split); image paths are relative to
@@ -206,15 +208,17 @@ def _load_hf(dataset: str, image_root: str | None, check_images: bool, tag: str,
         records.append((rid, rec))
     report.images = len(to_check)
     if check_images and to_check:
-        _check_all_images(to_check, report, load=lambda ref: source(ref) if isinstance(ref, str) else ref)
+        _check_all_images(to_check, report, load=lambda ref: source(ref) if isinstance(ref, str) else ref,
+                          decode=decode)
     return records, report, source, root
 
 
 def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool = False,
-              check_images: bool = True, tag: str = "hf",
-              questions: bool = False) -> tuple[list[Row], ValidationReport, ImageSource]:
+              check_images: bool = True, tag: str = "hf", questions: bool = False,
+              decode: bool = True) -> tuple[list[Row], ValidationReport, ImageSource]:
     """Load and validate a dataset; fail fast on bad rows unless ``skip_invalid``. With ``questions`` (rows to
-    evaluate on), a row may end with its question when it gives the ``answer``.
+    evaluate on), a row may end with its question when it gives the ``answer``. ``check_images`` finds every
+    image and, with ``decode``, decodes it.
 
     Returns:
         ``(rows, report, images)``; with ``skip_invalid`` the bad rows are left
@@ -228,20 +232,19 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
     path = Path(dataset)
     if not str(dataset).strip():
         raise FileNotFoundError("no dataset given (an empty path)")
-    if path.is_file() and path.suffix in HF_FILE_TYPES:
-        records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions)
-    elif path.is_file() or (path.is_dir() and not _is_hf_disk(path) and _data_files(path)):
+    if is_data_file(path):
         data = resolve_data_file(path)
         root = Path(image_root) if image_root else data.parent
         records = []
-        report = check_dataset(data, root, check_images=check_images, records=records, questions=questions)
+        report = check_dataset(data, root, check_images=check_images, records=records, questions=questions,
+                               decode=decode)
         source = ImageSource()
-    elif _is_hf_disk(path):
-        records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions)
+    elif _is_hf_disk(path) or path.is_file():  # a save_to_disk folder, a parquet / arrow file
+        records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions, decode)
     else:
         _no_local_dataset(dataset)
         try:
-            records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions)
+            records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions, decode)
         except (OSError, ValueError) as err:  # datasets' errors: connection, not found, gated, unknown files...
             what = ("a folder without a data.jsonl / .jsonl / .json file or a saved HF dataset, and datasets could "
                     "not load it" if path.is_dir() else "not a local file or folder, and loading it as a Hub "
@@ -285,7 +288,7 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
                              f"({report.rows} read); give held-out rows, or --eval_split none") from None
         if source is not None:
             source.update(eval_source)
-        _warn_overlap(rows, eval_rows, eval_split)
+        _check_overlap(rows, eval_rows, eval_split)
         return rows, eval_rows
     if frac == 0:
         return rows, []
@@ -310,22 +313,23 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
     if not held:  # every group is larger than n: by row, the groups then on both sides
         logger.warning("--eval_split %s: every group of rows about one image holds more than %d rows; held-out rows "
                        "are drawn one by one, so their images are also trained on", eval_split, n)
-        held = set(sum(order, [])[:n])
+        held = set(itertools.islice(itertools.chain.from_iterable(order), n))
     elif len(held) < n:
         logger.info("--eval_split %s: %d rows held out (whole groups of rows about one image fit no closer to %d)",
                     eval_split, len(held), n)
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _warn_overlap(train: list[Row], held_out: list[Row], eval_split) -> None:
-    """Held-out rows that are training rows too (the same question about the same images) measure recall, not
-    generalisation: all of them is an error (the training data given as the eval split), some a warning."""
+def _check_overlap(train: list[Row], held_out: list[Row], eval_split) -> None:
+    """Rows of a separate eval dataset that are training rows too (the same question about the same images, the
+    same answer) measure recall, not generalisation: all of them is an error (the training data given as the eval
+    split), some a warning."""
     def key(r: Row):
         return r.question, tuple(str(i) for i in r.images), r.answer
 
     seen = {key(r) for r in train}
     both = [r for r in held_out if key(r) in seen]
-    if both and len(both) == len(held_out):  # a separate eval dataset: a fraction's groups never overlap
+    if both and len(both) == len(held_out):
         raise ValueError(f"--eval_split {eval_split}: every held-out row is also a training row (the same question, "
                          "images and answer): is it the training data? give rows kept out of training")
     if both:

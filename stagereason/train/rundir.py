@@ -131,6 +131,9 @@ def check_images_outside(out: Path, rows) -> None:
                               "--output_dir")
 
 
+_ASIDE_PREFIX = ".{name}.previous-"  # the hidden folder beside an output dir that holds its previous contents
+
+
 class PreviousRun(TrainerCallback):
     """The old contents of an output dir that ``--overwrite_output_dir`` replaces: renamed aside (a hidden folder
     beside it) when the new run is ready, removed once its first step has trained, put back if the run fails or is
@@ -168,23 +171,21 @@ class PreviousRun(TrainerCallback):
 
     def restore(self, why: str) -> bool:
         """Put the previous contents back: the new run ``why`` (failed, or was stopped) before its first step had
-        trained. Returns whether there was anything to put back."""
+        trained. Returns whether they are back."""
         if self.aside is None or not self.aside.is_dir():
             return False
         try:
             if self.out.exists():
                 shutil.rmtree(self.out)  # only what this run wrote: its inputs were checked to lie outside
             self.aside.rename(self.out)
-            logger.warning("the run %s before its first step had trained: %s holds its previous contents again", why,
-                           self.out)
         except OSError as err:  # never hide why the run ended; say where the old contents are
             logger.error("the previous contents of %s could not be put back (%s): they are in %s", self.out, err,
                          self.aside)
+            return False
+        logger.warning("the run %s before its first step had trained: %s holds its previous contents again", why,
+                       self.out)
         self.aside = None
         return True
-
-
-_ASIDE_PREFIX = ".{name}.previous-"
 
 
 def set_aside_runs(out: Path) -> list[Path]:

@@ -38,6 +38,7 @@ __all__ = ["TrainConfig", "TrainSetup", "build_trainer", "run_train", "StageSFTT
 
 logger = logging.getLogger(__name__)
 
+
 def _special_tokens(processor, template: str):
     """A pattern of the special tokens that give a training row its structure, None if there are none: those the
     chat template writes (turn headers and ends: ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``...), the
@@ -188,13 +189,14 @@ def _eos_ids(model) -> tuple[int, ...]:
     return tuple(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
-def _load(cfg: TrainConfig, processor, base: str | None = None):
+def _load(cfg: TrainConfig, processor, base: str | None = None, config=None):
     from stagereason.modeling import load_model, vision_tower
 
     quant = "4bit" if cfg.peft == "qlora" else None
     model, processor = load_model(base or cfg.model_name_or_path, quantization=quant,
                                   attn_implementation=cfg.attn_implementation,
-                                  dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32", processor=processor)
+                                  dtype="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32", processor=processor,
+                                  config=config)
     # No prepare_model_for_kbit_training for QLoRA: it casts every weight it does not quantize to float32 (vision
     # tower, projector, embeddings, lm_head of Llama-3.2-11B-Vision: +3.8 GB for nothing under bf16 autocast).
     # get_peft_model freezes the base; Trainer.train turns checkpointing on.
@@ -280,7 +282,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     if data["too_long_dropped"]:
         logger.warning("dropped %d rows longer than max_length=%d tokens (never truncated through the image)",
                        data["too_long_dropped"], cfg.max_length)
-    model, processor = _load(cfg, processor, base)  # the processor loaded above for the token counts
+    model, processor = _load(cfg, processor, base, model_config)  # the processor and config read above
     # fewer tiles than the model takes: shrink images to fit them (the model still pads to its own count)
     tiles = (tile, cfg.max_image_tiles) if cfg.max_image_tiles and most and cfg.max_image_tiles < most else None
     collator = StageCollator(processor, template, max_side, getattr(model_config.get_text_config(), "vocab_size",
