@@ -239,8 +239,14 @@ def load_rows(dataset: str, image_root: str | None = None, *, skip_invalid: bool
         report = check_dataset(data, root, check_images=check_images, records=records, questions=questions,
                                decode=decode)
         source = ImageSource()
-    elif _is_hf_disk(path) or path.is_file():  # a save_to_disk folder, a parquet / arrow file
+    elif _is_hf_disk(path):
         records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions, decode)
+    elif path.is_file():  # a parquet / arrow file
+        try:
+            records, report, source, root = _load_hf(dataset, image_root, check_images, tag, questions, decode)
+        except (OSError, ValueError) as err:  # pyarrow's errors name no file
+            raise ValueError(f"{dataset} cannot be read as a {HF_FILE_TYPES[path.suffix]} file ({type(err).__name__}: "
+                             f"{err})") from err
     else:
         _no_local_dataset(dataset)
         try:

@@ -293,6 +293,9 @@ def test_a_parquet_file_loads_as_a_table_with_images_beside_it(tmp_path):
     (tmp_path / "gone.parquet").unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError, match="gone.parquet: it does not exist"):
         load_rows(str(tmp_path / "gone.parquet"))
+    (tmp_path / "bad.parquet").write_text("not a parquet file")
+    with pytest.raises(ValueError, match=r"bad.parquet cannot be read as a parquet file \(ArrowInvalid"):
+        load_rows(str(tmp_path / "bad.parquet"))
 
 
 def test_a_dataset_dict_gives_its_train_split_and_an_eval_dict_its_test_split(tmp_path):
