@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["choose_attention", "load_model", "load_processor", "model_config", "non_quantized_modules", "resolve_dtype",
-           "quantization_config"]
+           "quantization_config", "structural_special_tokens", "written_special_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,39 @@ _KEEP_FULL_PRECISION = re.compile(rf"(^|\.)({_TOWER_NAMES}|multi_modal_projector
 # default wherever torchvision is installed) mishandles a batch that mixes rows with and without an image (the
 # first row sets the image shape; rows without one lose their aspect-ratio entries), which the PIL one handles.
 _PIL_IMAGE_BACKEND = {"mllama"}
+
+
+def structural_special_tokens(processor, template: str | dict | None = None):
+    """A pattern of the special tokens that give a prompt its structure, None if there are none: those the chat
+    template writes (turn headers and ends: ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``...; the
+    processor's own template when ``template`` is None), the image and video tokens, and begin / end of text,
+    padding and unknown. Other special tokens are data a text may hold on purpose (Qwen-VL's ``<|box_start|>``
+    grounding, tool-call tags)."""
+    tok = getattr(processor, "tokenizer", processor)
+    if template is None:
+        template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+    if isinstance(template, dict):  # named templates
+        template = "\n".join(v for v in template.values() if isinstance(v, str))
+    template = template if isinstance(template, str) else ""
+    specials = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    specials |= set(getattr(tok, "all_special_tokens", []))
+    structural = {t for t in specials if t and t in template}
+    structural |= {getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    structural |= {getattr(processor, name, None) for name in ("image_token", "video_token", "boi_token",
+                                                                "eoi_token", "image_start_token", "image_end_token")}
+    structural = {t for t in structural if isinstance(t, str) and t}
+    return re.compile("|".join(map(re.escape, sorted(structural, key=len, reverse=True)))) if structural else None
+
+
+def written_special_token(text: str | None, pattern) -> str | None:
+    """What is wrong with ``text`` if it holds one of the special tokens of ``pattern``
+    (:func:`structural_special_tokens`) written out, which the tokenizer would read as that token (an
+    ``<|image|>`` without its image, an ``<|eot_id|>`` that ends the turn early); None if nothing."""
+    found = pattern.search(text) if pattern is not None and text else None
+    if found is None:
+        return None
+    return (f"holds {found.group()!r}, one of the model's special tokens, as text: the tokenizer would read it as "
+            "that token; remove it")
 
 
 def load_processor(name_or_path: str | Path, model_type: str | None = None):

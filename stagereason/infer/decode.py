@@ -15,12 +15,36 @@ Sampling uses transformers' own temperature/top-k/top-p warpers in the order
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 
 import torch
 
-__all__ = ["Stepper", "crop_cache", "cross_layers", "decode", "drop_unapplied_processing", "fork_cache",
-           "mllama_parts"]
+__all__ = ["Stepper", "cache_kwarg", "crop_cache", "cross_layers", "decode", "drop_unapplied_processing",
+           "fork_cache", "mllama_parts", "output_cache"]
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model``'s forward takes the key/value cache: ``cache`` from transformers 5.25 on
+    (where ``past_key_values`` is a deprecated alias, to be removed), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it on
+    cls = type(base)
+    if cls not in _CACHE_KWARG:
+        try:
+            params = inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def output_cache(out):
+    """The key/value cache a forward returned (``cache`` from transformers 5.25 on, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def mllama_parts(model):
@@ -145,15 +169,16 @@ class Stepper:
         b = ids.shape[0]
         pos = torch.tensor([[position]], device=ids.device)
         if self.mllama is None:  # a text-only model: no cross-attention mask to pass
-            out = self.model(input_ids=ids, past_key_values=cache, position_ids=pos.expand(b, -1), use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(input_ids=ids, position_ids=pos.expand(b, -1), use_cache=True, logits_to_keep=1,
+                             **{cache_kwarg(self.model): cache})
             return out.logits[:, -1].float()
         kwargs = {}
         if self.xmask is not None:
             kwargs = {"cross_attention_mask": self.xmask.expand(b, -1, -1, -1),
                       "full_text_row_masked_out_mask": self.full_row.expand(b, -1, -1, -1)}
-        hidden = self.mllama.language_model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                                            **kwargs).last_hidden_state
+        lm = self.mllama.language_model
+        hidden = lm(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(lm): cache}, **kwargs
+                    ).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
     def _lean(self, ids, cache, position):

@@ -75,7 +75,8 @@ def _answer_rows(cfg: EvalConfig, reasoner, rows: list, source) -> tuple[list[di
                 try:
                     if len(row.images) > 1:
                         raise ValueError(f"it has {len(row.images)} images; a question is answered about one")
-                    items.append((load_image(source(row.images[0])) if row.images else None, row.question))
+                    question = reasoner.check_question(row.question)
+                    items.append((load_image(source(row.images[0])) if row.images else None, question))
                     chunk.append(row)
                 except (FileNotFoundError, ValueError) as err:
                     errors.append({"id": row.id, "error": str(err)})

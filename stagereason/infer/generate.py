@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from stagereason.infer.decode import cache_kwarg, output_cache
+
 __all__ = ["Prefix", "encode_prompt", "filler_row", "float_dtype", "generate_greedy", "generate_greedy_shared",
            "images_first", "user_message"]
 
@@ -165,7 +167,7 @@ class Prefix:
             out = model(input_ids=self.ids[:, :-1], attention_mask=inputs["attention_mask"][:, :-1],
                         cross_attention_mask=None if self.xmask is None else self.xmask[:, :-1],
                         cross_attention_states=self.xstates, use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.cached = self.ids.shape[1] - 1  # positions the cache holds: all but the last token, once synced
         self.prompt_len = self.ids.shape[1]
         self._candidates: tuple[list[list[int]], list] | None = None
@@ -208,8 +210,8 @@ class Prefix:
         length = self.ids.shape[1] - 1
         if self.cached < length:
             self.model(input_ids=self.ids[:, self.cached:length], attention_mask=torch.ones_like(self.ids[:, :length]),
-                       past_key_values=self.cache, cross_attention_mask=self._mask_for(length), use_cache=True,
-                       logits_to_keep=1)
+                       cross_attention_mask=self._mask_for(length), use_cache=True, logits_to_keep=1,
+                       **{cache_kwarg(self.model): self.cache})
             self.cached = length
 
     def continuations(self, n: int, stop: str | list[str] | None, max_new_tokens: int, *, do_sample: bool,

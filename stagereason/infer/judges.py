@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from stagereason.infer.decode import cache_kwarg, output_cache
 from stagereason.stages import STAGES
 
 __all__ = ["CRITERIA", "SelfJudge", "knockout"]
@@ -91,8 +92,8 @@ class SelfJudge:
             kwargs["cross_attention_mask"] = pattern.expand(rows, shared + width, -1, -1)
         logits = self.model(input_ids=ids, attention_mask=torch.ones(rows, shared + width, dtype=torch.long,
                                                                      device=device),
-                            past_key_values=cache, use_cache=True,
-                            logits_to_keep=torch.tensor(keep, device=device), **kwargs).logits
+                            use_cache=True, logits_to_keep=torch.tensor(keep, device=device),
+                            **{cache_kwarg(self.model): cache}, **kwargs).logits
         logits = logits[torch.arange(rows, device=device), [keep.index(k) for k in last]].float()
         two = logits[:, self.label_ids].softmax(-1)[:, 0]  # P("1")
         n = len(pairs)
@@ -116,9 +117,10 @@ class SelfJudge:
                 kwargs["cross_attention_mask"] = xmask[:, :len(head)]
                 if cache is None:  # first run: the image's keys/values come from the prefix's image states
                     kwargs["cross_attention_states"] = prefix.xstates
-            cache = self.model(input_ids=new, attention_mask=torch.ones(1, len(head), dtype=torch.long,
-                                                                         device=self.model.device),
-                               past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).past_key_values
+            cache = output_cache(self.model(input_ids=new, attention_mask=torch.ones(1, len(head), dtype=torch.long,
+                                                                                      device=self.model.device),
+                                            use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache},
+                                            **kwargs))
         self._head = (list(head), cache, prefix)
         return cache
 

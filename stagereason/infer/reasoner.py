@@ -62,12 +62,14 @@ class Reasoner:
     def __init__(self, model, processor, *, max_stage_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95):
         from stagereason.infer.decode import drop_unapplied_processing, mllama_parts
+        from stagereason.modeling import structural_special_tokens
 
         # other VLMs answer greedily (batched generate, stage by stage); the searches reuse Mllama's image states
         self.kind = None if mllama_parts(model)[0] is not None else getattr(
             getattr(model, "config", None), "model_type", type(model).__name__)
         _needs_chat_template(processor)
         self.model, self.processor = model.eval(), processor
+        self._specials = structural_special_tokens(processor)  # those a question must not write out
         dropped = drop_unapplied_processing(model)
         if dropped:
             logger.warning("the model's generation_config sets %s; staged decoding applies only temperature, top-k "
@@ -77,17 +79,25 @@ class Reasoner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, adapter: str | Path | None = None, quantization: str | None = None,
-                        dtype: str = "auto", attn_implementation: str = "auto", **kwargs) -> Reasoner:
+                        dtype: str = "auto", attn_implementation: str = "auto", questions: tuple[str, ...] = (),
+                        **kwargs) -> Reasoner:
         """Load ``path`` (and ``adapter``, a train run dir) with :func:`stagereason.modeling.load_model`.
 
         ``path`` may be a base model, a merged export, a full fine-tune run dir,
         or a LoRA/QLoRA run dir alone (its recorded base is loaded under it).
+        ``questions`` are checked (:meth:`check_question`) against the processor before any weight loads.
         """
-        from stagereason.modeling import load_model
+        from stagereason.modeling import load_model, structural_special_tokens
+
+        def check(processor) -> None:
+            _needs_chat_template(processor)
+            specials = structural_special_tokens(processor)
+            for question in questions:
+                _checked_question(question, specials)
 
         path, adapter = _base_and_adapter(path, adapter)
         model, processor = load_model(path, quantization=quantization, adapter=adapter, dtype=dtype,
-                                      attn_implementation=attn_implementation, check_processor=_needs_chat_template)
+                                      attn_implementation=attn_implementation, check_processor=check)
         return cls(model, processor, **kwargs)
 
     def answer(self, image: Any, question: str, *, search: str = "stage", beam_size: int = 4,
@@ -104,7 +114,8 @@ class Reasoner:
             seed: makes sampling reproducible (None: not seeded).
 
         Raises:
-            ValueError: empty question, unreadable image, unknown search or judge.
+            ValueError: empty question or one that writes out a special token of the prompt, unreadable image,
+                unknown search or judge.
             FileNotFoundError: a missing image file.
         """
         from stagereason.infer.search import ONE_PATH, run_search
@@ -114,7 +125,7 @@ class Reasoner:
             return self.answer_batch([(image, question)], batch_size=1, search=search, beam_size=beam_size,
                                      judge=judge, seed=seed, max_stage_tokens=max_stage_tokens,
                                      temperature=temperature)[0]
-        images, question = _prepared(image, question)
+        images, question = self._prepared(image, question)
         if seed is not None:
             random.seed(seed)
             torch.manual_seed(seed)
@@ -150,7 +161,7 @@ class Reasoner:
         prepared = []
         for k, (image, question) in enumerate(items):
             try:
-                prepared.append(_prepared(image, question))
+                prepared.append(self._prepared(image, question))
             except (ValueError, FileNotFoundError) as err:
                 raise type(err)(f"item {k}: {err}") from err
         results = []
@@ -164,6 +175,17 @@ class Reasoner:
                 usage = _usage(log, encode_s, seconds, search="greedy", beam_size=1, judge=None, batched=len(outs))
                 results.append(ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage))
         return results
+
+    def check_question(self, question: str) -> str:
+        """The question as it will be asked (stripped); ValueError if it is empty or writes out one of the
+        special tokens that structure the model's prompt (``<|image|>``, ``<|eot_id|>``...), which the tokenizer
+        would read as those tokens."""
+        return _checked_question(question, self._specials)
+
+    def _prepared(self, image: Any, question: str) -> tuple[list, str]:
+        """The checked question and the opened image list (empty for text only)."""
+        question = self.check_question(question)
+        return ([] if image is None else [load_image(image)]), question
 
     def _check_search(self, search: str) -> None:
         if self.kind is not None:  # whatever its type says: the searches need Mllama's parts, found here or not
@@ -206,16 +228,20 @@ def check_search_before_loading(path: str | Path, adapter: str | Path | None, se
         _refuse_search(model_type, search)
 
 
+def _checked_question(question: str, specials) -> str:
+    from stagereason.modeling import written_special_token
+
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty")
+    problem = written_special_token(question, specials)
+    if problem:
+        raise ValueError(f"the question {problem}")
+    return question.strip()
+
+
 def _needs_chat_template(processor) -> None:
     if getattr(processor, "chat_template", None) is None:
         raise ValueError("the model's processor has no chat template: stagereason needs one to build prompts")
-
-
-def _prepared(image: Any, question: str) -> tuple[list, str]:
-    """The checked question and the opened image list (empty for text only)."""
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty")
-    return ([] if image is None else [load_image(image)]), question.strip()
 
 
 def _usage(log: list[dict], encode_s: float, seconds: float, **info) -> dict:

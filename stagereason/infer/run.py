@@ -125,7 +125,8 @@ def run_infer(cfg: InferConfig) -> dict:
     if cfg.html and not Path(cfg.html).resolve().parent.is_dir():
         raise FileNotFoundError(f"--html {cfg.html}: folder {Path(cfg.html).resolve().parent} does not exist")
     reasoner = Reasoner.from_pretrained(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization,
-                                        max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature)
+                                        max_stage_tokens=cfg.max_stage_tokens, temperature=cfg.temperature,
+                                        questions=(cfg.question,))
     res = reasoner.answer(image, cfg.question, search=cfg.search, beam_size=cfg.beam_size, judge=cfg.judge,
                           seed=cfg.seed)
     out = {**res.trace.as_dict(), "answer": res.answer, "search": res.search_log, "usage": res.usage}

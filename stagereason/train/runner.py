@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stagereason.modeling import structural_special_tokens, written_special_token
 from stagereason.train.config import TrainConfig
 from stagereason.train.data import Row, load_rows, open_image, split_rows, to_dataset
 from stagereason.train.rundir import (
@@ -39,33 +40,14 @@ __all__ = ["TrainConfig", "TrainSetup", "build_trainer", "run_train", "StageSFTT
 logger = logging.getLogger(__name__)
 
 
-def _special_tokens(processor, template: str):
-    """A pattern of the special tokens that give a training row its structure, None if there are none: those the
-    chat template writes (turn headers and ends: ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``...), the
-    image and video tokens, and begin / end of text, padding and unknown. Other special tokens are data a row
-    may hold on purpose (Qwen-VL's ``<|box_start|>`` grounding, tool-call tags)."""
-    tok = getattr(processor, "tokenizer", processor)
-    specials = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
-    specials |= set(getattr(tok, "all_special_tokens", []))
-    structural = {t for t in specials if t and t in (template or "")}
-    structural |= {getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    structural |= {getattr(processor, name, None) for name in ("image_token", "video_token", "boi_token",
-                                                                "eoi_token", "image_start_token", "image_end_token")}
-    structural = {t for t in structural if isinstance(t, str) and t}
-    return re.compile("|".join(map(re.escape, sorted(structural, key=len, reverse=True)))) if structural else None
-
-
 def _written_special_token(row: Row, pattern) -> str | None:
     """Where a row's text holds one of the model's special tokens written out, which the tokenizer reads as that
     token (an ``<|image|>`` without its image, an ``<|eot_id|>`` that ends the turn early): a problem, or None."""
-    if pattern is None:
-        return None
     for k, msg in enumerate(row.messages):
         for part in msg["content"]:
-            found = pattern.search(part.get("text") or "") if isinstance(part, dict) else None
+            found = written_special_token(part.get("text") if isinstance(part, dict) else None, pattern)
             if found:
-                return (f"turn {k + 1} ({msg['role']}) holds {found.group()!r}, one of the model's special tokens, "
-                        "as text: the tokenizer would read it as that token; remove it")
+                return f"turn {k + 1} ({msg['role']}) {found}"
     return None
 
 
@@ -78,7 +60,7 @@ def _token_lengths(rows: list[Row], processor, template: str, report, skip_inval
     from jinja2 import TemplateError
 
     tok = processor.tokenizer
-    specials = _special_tokens(processor, template)
+    specials = structural_special_tokens(processor, template)
     texts, kept, refused = [], [], []
     for r in rows:
         problem = _written_special_token(r, specials)

@@ -157,3 +157,38 @@ def test_the_judge_reuses_its_opening_across_rounds_and_stages(reasoner, picture
     assert kept(prefix, "What color?", "CAPTION", pairs) == pytest.approx(
         SelfJudge(model, proc)(prefix, "What color?", "CAPTION", pairs), abs=1e-5)
     assert kept._head[0] and kept._head[2] is prefix
+
+
+def test_the_cache_goes_by_the_name_the_forward_takes(reasoner, picture):
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name a deprecated alias); a name a
+    forward does not take would fall into its ``**kwargs`` unnoticed, so the name is read off the signature."""
+    import warnings
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return input_ids
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return input_ids
+
+    class Wrapped(torch.nn.Module):  # as PeftModel: forward(*args, **kwargs), the model behind get_base_model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_base_model(self):
+            return self.inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    assert D.cache_kwarg(New()) == "cache" and D.cache_kwarg(Old()) == "past_key_values"
+    assert D.cache_kwarg(Wrapped(Old())) == "past_key_values" and D.cache_kwarg(Wrapped(New())) == "cache"
+    # the names reach the model as it takes them: a stage search with the self judge warns of no deprecated name
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        res = reasoner.answer(picture, "How many?", search="stage", beam_size=2, max_stage_tokens=4)
+    assert res.usage["total_tokens"] > 0
+    prefix = Prefix(reasoner.model, reasoner.processor, [picture], "Count them.")
+    assert prefix.cache is not None and prefix.cache.get_seq_length() == prefix.ids.shape[1] - 1

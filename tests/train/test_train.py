@@ -494,11 +494,11 @@ def test_rows_and_options_the_first_batch_or_evaluation_would_fail_on_are_refuse
     # special tokens that give a row no structure are data (tool calls, grounding boxes): kept
     from transformers import AutoProcessor
 
-    from stagereason.train.runner import _special_tokens
+    from stagereason.modeling import structural_special_tokens
     from stagereason.train.templates import training_chat_template
 
     processor = AutoProcessor.from_pretrained(tiny_dir)
-    pattern = _special_tokens(processor, training_chat_template(processor, "mllama"))
+    pattern = structural_special_tokens(processor, training_chat_template(processor, "mllama"))
     assert pattern.search("<|eot_id|>") and pattern.search("<|image|>") and pattern.search("<|begin_of_text|>")
     assert "<|python_tag|>" in processor.tokenizer.all_special_tokens or any(
         t.content == "<|python_tag|>" and t.special for t in processor.tokenizer.added_tokens_decoder.values())
