@@ -53,6 +53,15 @@ def _check(cfg: EvalConfig) -> Path:
     return out
 
 
+def _prompt(row) -> str | list[dict]:
+    """What a row asks: its question, or, after earlier turns or a system turn, its conversation up to the last
+    question (the earlier answers as the row gives them), as the model was trained on such rows."""
+    last = max((k for k, m in enumerate(row.messages) if m["role"] == "user"), default=None)
+    if last is None or last == 0:
+        return row.question
+    return row.messages[:last + 1]
+
+
 def _answer_rows(cfg: EvalConfig, reasoner, rows: list, source) -> tuple[list[dict], list[dict]]:
     """Answer every row (greedy in batches, other searches one at a time) and score it; returns
     ``(predictions, skipped rows)``. A missing or corrupt image is its row's failure, not the run's."""
@@ -75,7 +84,7 @@ def _answer_rows(cfg: EvalConfig, reasoner, rows: list, source) -> tuple[list[di
                 try:
                     if len(row.images) > 1:
                         raise ValueError(f"it has {len(row.images)} images; a question is answered about one")
-                    question = reasoner.check_question(row.question)
+                    question = reasoner.check_question(_prompt(row), len(row.images))
                     items.append((load_image(source(row.images[0])) if row.images else None, question))
                     chunk.append(row)
                 except (FileNotFoundError, ValueError) as err:

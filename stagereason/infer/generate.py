@@ -7,12 +7,27 @@ import torch
 from stagereason.infer.decode import cache_kwarg, output_cache
 
 __all__ = ["Prefix", "encode_prompt", "filler_row", "float_dtype", "generate_greedy", "generate_greedy_shared",
-           "images_first", "user_message"]
+           "images_first", "last_question", "prompt_messages", "user_message"]
 
 
 def user_message(question: str, n_images: int = 1) -> list[dict]:
     """One user turn: the images first, then the question (the layout the training rows use)."""
     return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
+
+
+def prompt_messages(question: str | list[dict], n_images: int = 1) -> list[dict]:
+    """The chat messages of a prompt: a conversation as given, or one user turn of a question."""
+    return question if isinstance(question, list) else user_message(question, n_images)
+
+
+def last_question(question: str | list[dict]) -> str:
+    """The question itself: a conversation's last user turn, its text parts joined."""
+    if not isinstance(question, list):
+        return question
+    content = question[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
 def filler_row() -> dict:
@@ -77,8 +92,8 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
                 chunk = [*chunk, (filler_row()["images"], ".")]
             order = [k for k, _ in images_first(list(enumerate(chunk)), lambda kc: kc[1][0])]  # answers: in order
             chunk = [chunk[k] for k in order]
-            texts = [processor.apply_chat_template(q if isinstance(q, list) else user_message(q, len(imgs)),
-                                                   add_generation_prompt=True) for imgs, q in chunk]
+            texts = [processor.apply_chat_template(prompt_messages(q, len(imgs)), add_generation_prompt=True)
+                     for imgs, q in chunk]
             images = [imgs for imgs, _ in chunk]
             inputs = processor(images=images if any(images) else None, text=texts, padding=True,
                                padding_side="left", add_special_tokens=False, return_tensors="pt")
@@ -130,9 +145,10 @@ def generate_greedy_shared(model, processor, n: int, item, *, sharded: bool, max
     return [t for share in shares for t in share]
 
 
-def encode_prompt(model, processor, images: list, question: str):
-    """One question's prompt (chat template, generation prompt) and images as model inputs on its device."""
-    text = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
+def encode_prompt(model, processor, images: list, question: str | list[dict]):
+    """One question's prompt (chat template, generation prompt) and images as model inputs on its device; a
+    conversation (chat messages ending with the user turn to answer) is the prompt as given."""
+    text = processor.apply_chat_template(prompt_messages(question, len(images)), add_generation_prompt=True)
     inputs = processor(images=[images] if images else None, text=[text], add_special_tokens=False,
                        return_tensors="pt").to(model.device)
     if "pixel_values" in inputs:

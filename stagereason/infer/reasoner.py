@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from stagereason.modeling import written_special_token
 from stagereason.stages import StagedTrace
 
 __all__ = ["Reasoner", "ReasoningResult", "load_image"]
@@ -79,7 +80,7 @@ class Reasoner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, adapter: str | Path | None = None, quantization: str | None = None,
-                        dtype: str = "auto", attn_implementation: str = "auto", questions: tuple[str, ...] = (),
+                        dtype: str = "auto", attn_implementation: str = "auto", questions: tuple = (),
                         **kwargs) -> Reasoner:
         """Load ``path`` (and ``adapter``, a train run dir) with :func:`stagereason.modeling.load_model`.
 
@@ -93,7 +94,10 @@ class Reasoner:
             _needs_chat_template(processor)
             specials = structural_special_tokens(processor)
             for question in questions:
-                _checked_question(question, specials)
+                if isinstance(question, list):
+                    _checked_conversation(question, specials, None)
+                else:
+                    _checked_question(question, specials)
 
         path, adapter = _base_and_adapter(path, adapter)
         model, processor = load_model(path, quantization=quantization, adapter=adapter, dtype=dtype,
@@ -107,7 +111,9 @@ class Reasoner:
 
         Args:
             image: a path, raw bytes, a PIL image, or None.
-            question: the question (not empty).
+            question: the question (not empty), or the conversation so far: chat messages ending with the user
+                turn to answer, the image's place marked by a ``{"type": "image"}`` part (the layout of
+                training rows; see :meth:`check_question`); a judge is given its last question.
             search: greedy, sample, best_of_n, sentence or stage.
             beam_size: candidates per stage (or per answer / sentence).
             judge: ``self``, ``loglik`` or ``fn(image, question, prefix, candidates) -> scores``.
@@ -176,15 +182,34 @@ class Reasoner:
                 results.append(ReasoningResult(trace=trace, text=raw, search_log=log, usage=usage))
         return results
 
-    def check_question(self, question: str) -> str:
-        """The question as it will be asked (stripped); ValueError if it is empty or writes out one of the
-        special tokens that structure the model's prompt (``<|image|>``, ``<|eot_id|>``...), which the tokenizer
-        would read as those tokens."""
-        return _checked_question(question, self._specials)
+    def check_question(self, question: str | list[dict], n_images: int | None = None) -> str | list[dict]:
+        """The question as it will be asked (a string stripped; a conversation with its contents as parts).
 
-    def _prepared(self, image: Any, question: str) -> tuple[list, str]:
+        ``question`` is a string, or the conversation so far: chat messages (``role`` system, user or
+        assistant; ``content`` a string or ``{"type": "text" | "image"}`` parts, as in training rows) ending
+        with the user turn to answer. ``n_images``, when given, is the number of images that go with it: a
+        conversation must mark that many places for them.
+
+        Raises:
+            ValueError: an empty question; a text that writes out one of the special tokens that structure
+                the model's prompt (``<|image|>``, ``<|eot_id|>``...), which the tokenizer would read as those
+                tokens; a conversation that is malformed, does not end with a user turn, marks another number
+                of images, or that the model's chat template refuses.
+        """
+        if not isinstance(question, list):
+            return _checked_question(question, self._specials)
+        messages = _checked_conversation(question, self._specials, n_images)
+        from jinja2 import TemplateError
+
+        try:
+            self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:
+            raise ValueError(f"the model's chat template refuses the conversation: {err}") from err
+        return messages
+
+    def _prepared(self, image: Any, question: str | list[dict]) -> tuple[list, str | list[dict]]:
         """The checked question and the opened image list (empty for text only)."""
-        question = self.check_question(question)
+        question = self.check_question(question, 0 if image is None else 1)
         return ([] if image is None else [load_image(image)]), question
 
     def _check_search(self, search: str) -> None:
@@ -229,14 +254,44 @@ def check_search_before_loading(path: str | Path, adapter: str | Path | None, se
 
 
 def _checked_question(question: str, specials) -> str:
-    from stagereason.modeling import written_special_token
-
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")
     problem = written_special_token(question, specials)
     if problem:
         raise ValueError(f"the question {problem}")
     return question.strip()
+
+
+def _checked_conversation(messages: list, specials, n_images: int | None) -> list[dict]:
+    """A conversation's messages with every content as parts, checked (see ``Reasoner.check_question``)."""
+    if not messages:
+        raise ValueError("the conversation is empty")
+    out, places = [], 0
+    for k, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {k + 1} of the conversation is not a chat message with role system, user "
+                             "or assistant")
+        content = msg.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and (p.get("type") == "image" or (
+                p.get("type") == "text" and isinstance(p.get("text"), str))) for p in parts):
+            raise ValueError(f"message {k + 1} ({msg['role']}): its content is neither a string nor a list of "
+                             '{"type": "text", "text": ...} and {"type": "image"} parts')
+        for p in parts:
+            problem = written_special_token(p.get("text"), specials)
+            if problem:
+                raise ValueError(f"message {k + 1} ({msg['role']}) of the conversation {problem}")
+        places += sum(p["type"] == "image" for p in parts)
+        out.append({**msg, "content": parts})
+    if out[-1]["role"] != "user":
+        raise ValueError(f"the conversation ends with a {out[-1]['role']} turn; it must end with the user turn to "
+                         "answer")
+    if not any(p["type"] == "text" and p["text"].strip() for p in out[-1]["content"]):
+        raise ValueError("the question is empty")
+    if n_images is not None and places != n_images:
+        raise ValueError(f"the conversation marks {places} place(s) for images ({{\"type\": \"image\"}} parts) and "
+                         f"{n_images} image(s) go with it")
+    return out
 
 
 def _needs_chat_template(processor) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from stagereason.infer.generate import Prefix
+from stagereason.infer.generate import Prefix, last_question
 from stagereason.infer.judges import SelfJudge, knockout
 from stagereason.stages import STAGES, StagedTrace, TraceFormatError, close_tag, open_tag, parse_trace
 
@@ -141,10 +141,11 @@ def check_options(search: str, beam_size: int, judge, max_stage_tokens: int | No
         raise ValueError(f"unknown judge {judge!r}; use self, loglik or a callable")
 
 
-def run_search(model, processor, images: list, question: str, *, search: str = "stage", beam_size: int = 4,
-               judge: str | Callable = "self", max_stage_tokens: int = 256, temperature: float = 0.7,
-               top_p: float = 0.95) -> tuple[StagedTrace, str, list[dict], float]:
-    """Run one strategy; returns ``(trace, raw_text, search_log, encode_seconds)``."""
+def run_search(model, processor, images: list, question: str | list[dict], *, search: str = "stage",
+               beam_size: int = 4, judge: str | Callable = "self", max_stage_tokens: int = 256,
+               temperature: float = 0.7, top_p: float = 0.95) -> tuple[StagedTrace, str, list[dict], float]:
+    """Run one strategy; returns ``(trace, raw_text, search_log, encode_seconds)``. ``question`` may be a
+    conversation (chat messages ending with the user turn to answer); the judge is given its last question."""
     check_options(search, beam_size, judge)
     t0 = time.perf_counter()
     prefix = Prefix(model, processor, images, question)
@@ -152,7 +153,7 @@ def run_search(model, processor, images: list, question: str, *, search: str = "
     n = 1 if search in ONE_PATH else beam_size
     opts = {"do_sample": search != "greedy", "temperature": temperature, "top_p": top_p,
             "max_stage_tokens": max_stage_tokens}
-    judge_ = _Judge(judge, model, processor, images[0] if images else None, question)
+    judge_ = _Judge(judge, model, processor, images[0] if images else None, last_question(question))
     if search == "best_of_n":
         log = _best_of_n(prefix, n, opts, judge_)
         raw = prefix.text

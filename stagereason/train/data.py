@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -304,11 +305,7 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
                          "row count (e.g. --eval_split 1) or --eval_split none")
     # rows about the same images (several questions on one image), or the same text-only question and answer,
     # stay on one side: no held-out image or row was trained on. Whole groups are held out while they fit in n.
-    groups: dict = {}
-    for i, r in enumerate(rows):
-        key = ("images", *map(str, r.images)) if r.images else ("text", r.question, r.answer)
-        groups.setdefault(key, []).append(i)
-    order = list(groups.values())
+    order = _row_groups(rows)
     random.Random(seed).shuffle(order)
     held: set[int] = set()
     for group in order:
@@ -326,12 +323,42 @@ def split_rows(rows: list[Row], eval_split: str | float | None, seed: int, image
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def _image_key(image) -> str:
+    """An image reference to compare: a path normalised (``a/./x.png`` is ``a/x.png``), else as written."""
+    return os.path.normpath(image) if isinstance(image, str) and not _is_hf_ref(image) else str(image)
+
+
+def _row_groups(rows: list[Row]) -> list[list[int]]:
+    """Row indices grouped so that rows sharing any image (paths compared once normalised: ``a/./x.png`` is
+    ``a/x.png``; a row of several images joins their groups), or text-only rows with the same question and
+    answer, are in one group; in the rows' order."""
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict = {}
+    for i, r in enumerate(rows):
+        keys = [("image", _image_key(x)) for x in r.images] if r.images else [("text", r.question, r.answer)]
+        for key in keys:
+            j = first.setdefault(key, i)
+            if j != i:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
+
+
 def _check_overlap(train: list[Row], held_out: list[Row], eval_split) -> None:
     """Rows of a separate eval dataset that are training rows too (the same question about the same images, the
     same answer) measure recall, not generalisation: all of them is an error (the training data given as the eval
     split), some a warning."""
     def key(r: Row):
-        return r.question, tuple(str(i) for i in r.images), r.answer
+        return r.question, tuple(map(_image_key, r.images)), r.answer
 
     seen = {key(r) for r in train}
     both = [r for r in held_out if key(r) in seen]

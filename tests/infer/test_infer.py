@@ -192,6 +192,44 @@ def test_bad_input_errors(reasoner, tmp_path, image):
         proc.chat_template = saved
 
 
+def test_a_conversation_is_answered_as_its_template_renders_it(reasoner, image):
+    """The conversation so far (earlier turns, the image's place marked) is the prompt as given: a conversation
+    of the one question answers as the question does; earlier turns reach the prompt; malformed ones are named."""
+    from stagereason.infer.generate import Prefix
+
+    picture = Image.open(image).convert("RGB")
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects?"}]}]
+    assert reasoner.answer(image, one, search="greedy").text == reasoner.answer(image, "How many objects?",
+                                                                                search="greedy").text
+    trace = "<SUMMARY> a </SUMMARY>\n\n<CAPTION> b </CAPTION>\n\n<REASONING> c </REASONING>\n\n<CONCLUSION> 2 </CONCLUSION>"
+    talk = [*one, {"role": "assistant", "content": trace}, {"role": "user", "content": "And how many red ones?"}]
+    prefix = Prefix(reasoner.model, reasoner.processor, [picture], reasoner.check_question(talk, 1))
+    text = reasoner.processor.apply_chat_template(talk, add_generation_prompt=True)
+    assert prefix.ids[0].tolist() == reasoner.processor(images=[[picture]], text=[text], add_special_tokens=False,
+                                                        return_tensors="pt")["input_ids"][0].tolist()
+    assert "And how many red ones?" in text and "<CONCLUSION> 2 </CONCLUSION>" in text
+    staged = reasoner.answer(image, talk, search="stage", beam_size=2)  # the judge is given the last question
+    assert staged.trace is not None and staged.usage["total_tokens"] > 0
+    batched = reasoner.answer_batch([(image, talk), (image, "How many?"), (None, [talk[2]])], search="greedy",
+                                    batch_size=3)
+    assert [b.text for b in batched] == [reasoner.answer(image, talk, search="greedy").text,
+                                         reasoner.answer(image, "How many?", search="greedy").text,
+                                         reasoner.answer(None, [talk[2]], search="greedy").text]
+    for bad, message in [
+        ([], "the conversation is empty"),
+        ([*one, {"role": "assistant", "content": trace}], "ends with a assistant turn; it must end with the user"),
+        ([{"role": "robot", "content": "hi"}], "message 1 of the conversation is not a chat message with role"),
+        ([{"role": "user", "content": 3}], r"message 1 \(user\): its content is neither a string nor a list"),
+        ([*one[:1], {"role": "assistant", "content": "ok<|eot_id|>"}, talk[2]],
+         r"message 2 \(assistant\) of the conversation holds '<\|eot_id\|>'"),
+        ([talk[2]], r"the conversation marks 0 place\(s\) for images .* and 1 image\(s\) go with it"),
+        ([*one, {"role": "assistant", "content": trace}, {"role": "user", "content": " "}], "the question is empty"),
+        ([{"role": "system", "content": "Be brief."}, *one], "the model's chat template refuses the conversation"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            reasoner.answer(image, bad, search="greedy")
+
+
 def test_infer_cli_json_and_html(tiny_dir, image, tmp_path, capsys):
     assert main(["infer", "--model", str(tiny_dir), "--image", str(image), "--question", "How many?",
                  "--beam_size", "2", "--max_stage_tokens", str(MAX), "--json", "--html", str(tmp_path / "t.html")]) == 0
@@ -365,17 +403,29 @@ def test_eval_takes_rows_that_end_with_their_question_and_skips_rows_of_several_
     rows.append(dict(rows[2], id="eot"))
     rows[3]["conversations"] = [dict(rows[2]["conversations"][0], value=rows[2]["conversations"][0]["value"]
                                      + "<|eot_id|>"), rows[2]["conversations"][1]]
+    first, trace = rows[2]["conversations"]
+    rows.append(dict(rows[2], id="two-turns", answer="no", conversations=[
+        first, trace, {"from": "human", "value": "Is that more than ten?"}, {"from": "gpt", "value": trace["value"]}]))
     (data / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     capsys.readouterr()
     assert main(["eval", "--model", str(tiny_dir), "--data", str(data), "--search", "greedy", "--max_stage_tokens",
                  "4", "--out", str(tmp_path / "ev"), "--no_progress", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n"] == 2 and report["skipped_rows"] == [
+    assert report["n"] == 3 and report["skipped_rows"] == [
         {"id": rows[1]["id"], "error": "it has 2 images; a question is answered about one"},
         {"id": "eot", "error": "the question holds '<|eot_id|>', one of the model's special tokens, as text: the "
                                "tokenizer would read it as that token; remove it"}]
     preds = {p["id"]: p for p in map(json.loads, (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines())}
     assert preds[rows[0]["id"]]["answer"] == rows[0]["answer"]
+    # a later turn is answered with the turns before it, as trained on (the earlier answer as the row gives it)
+    talk = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first["value"].replace(
+        "<image>", "").strip()}]}, {"role": "assistant", "content": trace["value"]},
+        {"role": "user", "content": "Is that more than ten?"}]
+    alone = Reasoner.from_pretrained(tiny_dir, max_stage_tokens=4)
+    image = data / rows[2]["image"]
+    assert preds["two-turns"]["question"] == "Is that more than ten?" and preds["two-turns"]["answer"] == "no"
+    assert preds["two-turns"]["text"] == alone.answer(image, talk, search="greedy").text
+    assert preds["two-turns"]["text"] != alone.answer(image, "Is that more than ten?", search="greedy").text
 
 
 @pytest.fixture(scope="module", params=["llava_next", "gemma3", "qwen2_5_vl"])

@@ -350,6 +350,23 @@ def test_a_fraction_split_keeps_the_rows_about_one_image_together(tmp_path, capl
     assert len(held) == 3 and "held-out rows are drawn one by one" in caplog.text
 
 
+def test_rows_linked_by_any_image_or_spelt_differently_stay_on_one_side(tmp_path):
+    """A row of two images joins the groups of both; ``img/./a.png`` is ``img/a.png``."""
+    for name, color in (("c", "green"), ("d", "white")):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (20, 20), color).save(tmp_path / "img" / f"{name}.png")
+    rows = [_row("a1", image="img/a.png"), _row("a2", image="img/./a.png", human="Another?"),
+            _row("ab", image=["img/a.png", "img/b.png"], human="<image> and <image>?"), _row("b1", image="img/b.png"),
+            _row("c1", image="img/c.png"), _row("c2", image="img//c.png", human="Again?"),
+            _row("d1", image="img/d.png"), _row("d2", image="img/d.png", human="Again?")]
+    loaded, _, _ = load_rows(str(_write(tmp_path, rows)))
+    groups = [{"a1", "a2", "ab", "b1"}, {"c1", "c2"}, {"d1", "d2"}]
+    for seed in range(12):
+        train, held = split_rows(loaded, "4", seed)
+        held_ids = {r.id for r in held}
+        assert len(held) == 4 and all(g <= held_ids or not g & held_ids for g in groups), (seed, held_ids)
+
+
 def test_windows_line_ends_are_read_as_newlines(tmp_path):
     rows = [_row("crlf", human="Line one.\r\nLine two?")]
     rows[0]["conversations"][1]["value"] = TRACE.replace("\n", "\r\n")
