@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from stagereason.modeling import written_special_token
+from stagereason.modeling import structural_special_tokens, written_special_token
 from stagereason.stages import StagedTrace
 
 __all__ = ["Reasoner", "ReasoningResult", "load_image"]
@@ -63,7 +63,6 @@ class Reasoner:
     def __init__(self, model, processor, *, max_stage_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95):
         from stagereason.infer.decode import drop_unapplied_processing, mllama_parts
-        from stagereason.modeling import structural_special_tokens
 
         # other VLMs answer greedily (batched generate, stage by stage); the searches reuse Mllama's image states
         self.kind = None if mllama_parts(model)[0] is not None else getattr(
@@ -88,7 +87,7 @@ class Reasoner:
         or a LoRA/QLoRA run dir alone (its recorded base is loaded under it).
         ``questions`` are checked (:meth:`check_question`) against the processor before any weight loads.
         """
-        from stagereason.modeling import load_model, structural_special_tokens
+        from stagereason.modeling import load_model
 
         def check(processor) -> None:
             _needs_chat_template(processor)
@@ -284,7 +283,7 @@ def _checked_conversation(messages: list, specials, n_images: int | None) -> lis
         places += sum(p["type"] == "image" for p in parts)
         out.append({**msg, "content": parts})
     if out[-1]["role"] != "user":
-        raise ValueError(f"the conversation ends with a {out[-1]['role']} turn; it must end with the user turn to "
+        raise ValueError(f"the conversation's last message is the {out[-1]['role']}'s; it must be the user turn to "
                          "answer")
     if not any(p["type"] == "text" and p["text"].strip() for p in out[-1]["content"]):
         raise ValueError("the question is empty")

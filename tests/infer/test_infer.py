@@ -217,7 +217,7 @@ def test_a_conversation_is_answered_as_its_template_renders_it(reasoner, image):
                                          reasoner.answer(None, [talk[2]], search="greedy").text]
     for bad, message in [
         ([], "the conversation is empty"),
-        ([*one, {"role": "assistant", "content": trace}], "ends with a assistant turn; it must end with the user"),
+        ([*one, {"role": "assistant", "content": trace}], "the conversation's last message is the assistant's; it must be the user turn"),
         ([{"role": "robot", "content": "hi"}], "message 1 of the conversation is not a chat message with role"),
         ([{"role": "user", "content": 3}], r"message 1 \(user\): its content is neither a string nor a list"),
         ([*one[:1], {"role": "assistant", "content": "ok<|eot_id|>"}, talk[2]],
