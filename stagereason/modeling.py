@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["choose_attention", "load_model", "load_processor", "model_config", "non_quantized_modules", "resolve_dtype",
-           "quantization_config", "structural_special_tokens", "written_special_token"]
+           "quantization_config", "special_token_in_messages", "structural_special_tokens", "written_special_token"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,17 @@ def written_special_token(text: str | None, pattern) -> str | None:
         return None
     return (f"holds {found.group()!r}, one of the model's special tokens, as text: the tokenizer would read it as "
             "that token; remove it")
+
+
+def special_token_in_messages(messages: list[dict], pattern) -> str | None:
+    """Where chat messages (contents as parts) write out a special token of ``pattern``: ``turn K (role) holds
+    ...`` (:func:`written_special_token`), or None."""
+    for k, msg in enumerate(messages):
+        for part in msg["content"]:
+            found = written_special_token(part.get("text") if isinstance(part, dict) else None, pattern)
+            if found:
+                return f"turn {k + 1} ({msg['role']}) {found}"
+    return None
 
 
 def load_processor(name_or_path: str | Path, model_type: str | None = None):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from stagereason.modeling import structural_special_tokens, written_special_token
+from stagereason.modeling import special_token_in_messages, structural_special_tokens, written_special_token
 from stagereason.stages import StagedTrace
 
 __all__ = ["Reasoner", "ReasoningResult", "load_image"]
@@ -93,10 +93,7 @@ class Reasoner:
             _needs_chat_template(processor)
             specials = structural_special_tokens(processor)
             for question in questions:
-                if isinstance(question, list):
-                    _checked_conversation(question, specials, None)
-                else:
-                    _checked_question(question, specials)
+                _checked(question, processor, specials)
 
         path, adapter = _base_and_adapter(path, adapter)
         model, processor = load_model(path, quantization=quantization, adapter=adapter, dtype=dtype,
@@ -195,16 +192,7 @@ class Reasoner:
                 tokens; a conversation that is malformed, does not end with a user turn, marks another number
                 of images, or that the model's chat template refuses.
         """
-        if not isinstance(question, list):
-            return _checked_question(question, self._specials)
-        messages = _checked_conversation(question, self._specials, n_images)
-        from jinja2 import TemplateError
-
-        try:
-            self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except TemplateError as err:
-            raise ValueError(f"the model's chat template refuses the conversation: {err}") from err
-        return messages
+        return _checked(question, self.processor, self._specials, n_images)
 
     def _prepared(self, image: Any, question: str | list[dict]) -> tuple[list, str | list[dict]]:
         """The checked question and the opened image list (empty for text only)."""
@@ -252,21 +240,19 @@ def check_search_before_loading(path: str | Path, adapter: str | Path | None, se
         _refuse_search(model_type, search)
 
 
-def _checked_question(question: str, specials) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty")
-    problem = written_special_token(question, specials)
-    if problem:
-        raise ValueError(f"the question {problem}")
-    return question.strip()
-
-
-def _checked_conversation(messages: list, specials, n_images: int | None) -> list[dict]:
-    """A conversation's messages with every content as parts, checked (see ``Reasoner.check_question``)."""
-    if not messages:
+def _checked(question: str | list[dict], processor, specials, n_images: int | None = None) -> str | list[dict]:
+    """``Reasoner.check_question`` with the processor and its :func:`structural_special_tokens` given."""
+    if not isinstance(question, list):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        problem = written_special_token(question, specials)
+        if problem:
+            raise ValueError(f"the question {problem}")
+        return question.strip()
+    if not question:
         raise ValueError("the conversation is empty")
-    out, places = [], 0
-    for k, msg in enumerate(messages):
+    messages, places = [], 0
+    for k, msg in enumerate(question):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"message {k + 1} of the conversation is not a chat message with role system, user "
                              "or assistant")
@@ -276,21 +262,26 @@ def _checked_conversation(messages: list, specials, n_images: int | None) -> lis
                 p.get("type") == "text" and isinstance(p.get("text"), str))) for p in parts):
             raise ValueError(f"message {k + 1} ({msg['role']}): its content is neither a string nor a list of "
                              '{"type": "text", "text": ...} and {"type": "image"} parts')
-        for p in parts:
-            problem = written_special_token(p.get("text"), specials)
-            if problem:
-                raise ValueError(f"message {k + 1} ({msg['role']}) of the conversation {problem}")
         places += sum(p["type"] == "image" for p in parts)
-        out.append({**msg, "content": parts})
-    if out[-1]["role"] != "user":
-        raise ValueError(f"the conversation's last message is the {out[-1]['role']}'s; it must be the user turn to "
-                         "answer")
-    if not any(p["type"] == "text" and p["text"].strip() for p in out[-1]["content"]):
+        messages.append({**msg, "content": parts})
+    problem = special_token_in_messages(messages, specials)
+    if problem:
+        raise ValueError(f"the conversation: {problem}")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the conversation's last message is the {messages[-1]['role']}'s; it must be the user "
+                         "turn to answer")
+    if not any(p["type"] == "text" and p["text"].strip() for p in messages[-1]["content"]):
         raise ValueError("the question is empty")
     if n_images is not None and places != n_images:
         raise ValueError(f"the conversation marks {places} place(s) for images ({{\"type\": \"image\"}} parts) and "
                          f"{n_images} image(s) go with it")
-    return out
+    from jinja2 import TemplateError
+
+    try:
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        raise ValueError(f"the model's chat template refuses the conversation: {err}") from err
+    return messages
 
 
 def _needs_chat_template(processor) -> None:

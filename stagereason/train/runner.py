@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stagereason.modeling import structural_special_tokens, written_special_token
+from stagereason.modeling import special_token_in_messages, structural_special_tokens
 from stagereason.train.config import TrainConfig
 from stagereason.train.data import Row, load_rows, open_image, split_rows, to_dataset
 from stagereason.train.rundir import (
@@ -40,17 +40,6 @@ __all__ = ["TrainConfig", "TrainSetup", "build_trainer", "run_train", "StageSFTT
 logger = logging.getLogger(__name__)
 
 
-def _written_special_token(row: Row, pattern) -> str | None:
-    """Where a row's text holds one of the model's special tokens written out, which the tokenizer reads as that
-    token (an ``<|image|>`` without its image, an ``<|eot_id|>`` that ends the turn early): a problem, or None."""
-    for k, msg in enumerate(row.messages):
-        for part in msg["content"]:
-            found = written_special_token(part.get("text") if isinstance(part, dict) else None, pattern)
-            if found:
-                return f"turn {k + 1} ({msg['role']}) {found}"
-    return None
-
-
 def _token_lengths(rows: list[Row], processor, template: str, report, skip_invalid: bool) -> list[Row]:
     """Count each row's tokens; rows the chat template refuses, or whose text holds a special token, are named (or
     dropped, counted, with --skip_invalid).
@@ -63,7 +52,7 @@ def _token_lengths(rows: list[Row], processor, template: str, report, skip_inval
     specials = structural_special_tokens(processor, template)
     texts, kept, refused = [], [], []
     for r in rows:
-        problem = _written_special_token(r, specials)
+        problem = special_token_in_messages(r.messages, specials)
         if problem:
             refused.append(r)
             report.add(r.id, "special token", problem)

@@ -221,7 +221,7 @@ def test_a_conversation_is_answered_as_its_template_renders_it(reasoner, image):
         ([{"role": "robot", "content": "hi"}], "message 1 of the conversation is not a chat message with role"),
         ([{"role": "user", "content": 3}], r"message 1 \(user\): its content is neither a string nor a list"),
         ([*one[:1], {"role": "assistant", "content": "ok<|eot_id|>"}, talk[2]],
-         r"message 2 \(assistant\) of the conversation holds '<\|eot_id\|>'"),
+         r"the conversation: turn 2 \(assistant\) holds '<\|eot_id\|>'"),
         ([talk[2]], r"the conversation marks 0 place\(s\) for images .* and 1 image\(s\) go with it"),
         ([*one, {"role": "assistant", "content": trace}, {"role": "user", "content": " "}], "the question is empty"),
         ([{"role": "system", "content": "Be brief."}, *one], "the model's chat template refuses the conversation"),
