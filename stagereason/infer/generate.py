@@ -7,7 +7,7 @@ import torch
 from stagereason.infer.decode import cache_kwarg, output_cache
 
 __all__ = ["Prefix", "encode_prompt", "filler_row", "float_dtype", "generate_greedy", "generate_greedy_shared",
-           "images_first", "last_question", "prompt_messages", "user_message"]
+           "earlier_turns", "images_first", "last_question", "prompt_messages", "user_message"]
 
 
 def user_message(question: str, n_images: int = 1) -> list[dict]:
@@ -28,6 +28,21 @@ def last_question(question: str | list[dict]) -> str:
     if isinstance(content, str):
         return content
     return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join("[image]" if p.get("type") == "image" else p.get("text", "") for p in content
+                     if isinstance(p, dict) and p.get("type") in ("image", "text"))
+
+
+def earlier_turns(question: str | list[dict]) -> str:
+    """The turns of a conversation before its last question, one ``Role: text`` paragraph each (an image's
+    place written ``[image]``); empty for a plain question or a conversation of one turn."""
+    if not isinstance(question, list):
+        return ""
+    return "\n\n".join(f"{m['role'].capitalize()}: {_text_of(m['content']).strip()}" for m in question[:-1])
 
 
 def filler_row() -> dict:

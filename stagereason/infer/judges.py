@@ -43,21 +43,26 @@ class SelfJudge:
         self._cross = cross_layers(model)
         self._head: tuple[list[int], object, object] | None = None  # last shared opening run: ids, cache, prefix
 
-    def _prompt(self, question: str, so_far: str, stage: str, first: str, second: str, n_images: int) -> str:
+    def _prompt(self, question: str, so_far: str, stage: str, first: str, second: str, n_images: int,
+                context: str = "") -> str:
         """The comparison prompt. Everything but the two candidates comes first, so all the prompts of a
         question share a long opening (run once, kept across rounds and stages) and each prompt's own
-        part is little more than its two candidates."""
+        part is little more than its two candidates. ``context``: the conversation's turns before the
+        question (:func:`~stagereason.infer.generate.earlier_turns`), which a follow-up question needs."""
         from stagereason.infer.generate import user_message
 
         part = "the whole answer" if stage == "ANSWER" else f"the {stage} stage"
-        text = (f"Question: {question}\n\nAnswer so far:\n{so_far or '(nothing yet)'}\n\n"
+        earlier = f"Conversation before the question:\n{context}\n\n" if context else ""
+        text = (f"{earlier}Question: {question}\n\nAnswer so far:\n{so_far or '(nothing yet)'}\n\n"
                 f"{CRITERIA[stage]} Which of two candidates for {part} is better?\n\n"
                 f"Candidate 1: {first}\nCandidate 2: {second}\n\nAnswer with 1 or 2.")
         return self.processor.apply_chat_template(user_message(text, n_images), add_generation_prompt=True)
 
     @torch.no_grad()
-    def __call__(self, prefix, question: str, stage: str, pairs: list[tuple[str, str]]) -> list[float]:
-        """P(first is better) for each pair, averaged over both orders.
+    def __call__(self, prefix, question: str, stage: str, pairs: list[tuple[str, str]],
+                 context: str = "") -> list[float]:
+        """P(first is better) for each pair, averaged over both orders. ``context``: the turns before the
+        question, for a conversation (see :meth:`_prompt`).
 
         All prompts of the call share their opening (template, image, question,
         answer so far, criteria): it is run once, its cache copied to every
@@ -69,8 +74,8 @@ class SelfJudge:
 
         so_far = prefix.text  # decoded once, not once per prompt
         n_images = 1 if prefix.images else 0
-        texts = [self._prompt(question, so_far, stage, a, b, n_images) for a, b in pairs]
-        texts += [self._prompt(question, so_far, stage, b, a, n_images) for a, b in pairs]
+        texts = [self._prompt(question, so_far, stage, a, b, n_images, context) for a, b in pairs]
+        texts += [self._prompt(question, so_far, stage, b, a, n_images, context) for a, b in pairs]
         tok = self.processor.tokenizer
         seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
         shared = 0

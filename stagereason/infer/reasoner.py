@@ -109,7 +109,8 @@ class Reasoner:
             image: a path, raw bytes, a PIL image, or None.
             question: the question (not empty), or the conversation so far: chat messages ending with the user
                 turn to answer, the image's place marked by a ``{"type": "image"}`` part (the layout of
-                training rows; see :meth:`check_question`); a judge is given its last question.
+                training rows; see :meth:`check_question`). The self judge reads the turns before the
+                last question; a callable judge is given the last question.
             search: greedy, sample, best_of_n, sentence or stage.
             beam_size: candidates per stage (or per answer / sentence).
             judge: ``self``, ``loglik`` or ``fn(image, question, prefix, candidates) -> scores``.

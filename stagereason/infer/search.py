@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from stagereason.infer.generate import Prefix, last_question
+from stagereason.infer.generate import Prefix, earlier_turns, last_question
 from stagereason.infer.judges import SelfJudge, knockout
 from stagereason.stages import STAGES, StagedTrace, TraceFormatError, close_tag, open_tag, parse_trace
 
@@ -33,17 +33,21 @@ def _content(text: str, stage: str) -> tuple[str, bool]:
 class _Judge:
     """Adapts a judge choice (``self``, ``loglik`` or a callable) to the knockout."""
 
-    def __init__(self, judge, model, processor, image, question: str):
+    def __init__(self, judge, model, processor, image, question: str | list[dict]):
         self.kind = judge if isinstance(judge, str) else "callable"
         self.fn = judge if callable(judge) else None
         self.self_judge = SelfJudge(model, processor) if judge == "self" else None
-        self.image, self.question = image, question
+        # a callable gets the last question; the self judge also reads the turns before it
+        self.image, self.question, self.context = image, last_question(question), earlier_turns(question)
 
     def pick(self, prefix: Prefix, stage: str, texts: list[str], logliks: list[float] | None):
         if len(texts) == 1:
             return 0, [], None
         if self.kind == "self":
-            return (*knockout(texts, lambda pairs: self.self_judge(prefix, self.question, stage, pairs)), None)
+            def compare(pairs):
+                return self.self_judge(prefix, self.question, stage, pairs, self.context)
+
+            return (*knockout(texts, compare), None)
         if self.kind == "loglik":
             return (*knockout(texts, None, logliks), logliks)
         scores = [float(s) for s in self.fn(self.image, self.question, prefix.text, texts)]
@@ -145,7 +149,8 @@ def run_search(model, processor, images: list, question: str | list[dict], *, se
                beam_size: int = 4, judge: str | Callable = "self", max_stage_tokens: int = 256,
                temperature: float = 0.7, top_p: float = 0.95) -> tuple[StagedTrace, str, list[dict], float]:
     """Run one strategy; returns ``(trace, raw_text, search_log, encode_seconds)``. ``question`` may be a
-    conversation (chat messages ending with the user turn to answer); the judge is given its last question."""
+    conversation (chat messages ending with the user turn to answer): the self judge reads it whole, a callable
+    judge is given its last question."""
     check_options(search, beam_size, judge)
     t0 = time.perf_counter()
     prefix = Prefix(model, processor, images, question)
@@ -153,7 +158,7 @@ def run_search(model, processor, images: list, question: str | list[dict], *, se
     n = 1 if search in ONE_PATH else beam_size
     opts = {"do_sample": search != "greedy", "temperature": temperature, "top_p": top_p,
             "max_stage_tokens": max_stage_tokens}
-    judge_ = _Judge(judge, model, processor, images[0] if images else None, last_question(question))
+    judge_ = _Judge(judge, model, processor, images[0] if images else None, question)
     if search == "best_of_n":
         log = _best_of_n(prefix, n, opts, judge_)
         raw = prefix.text

@@ -208,7 +208,7 @@ def test_a_conversation_is_answered_as_its_template_renders_it(reasoner, image):
     assert prefix.ids[0].tolist() == reasoner.processor(images=[[picture]], text=[text], add_special_tokens=False,
                                                         return_tensors="pt")["input_ids"][0].tolist()
     assert "And how many red ones?" in text and "<CONCLUSION> 2 </CONCLUSION>" in text
-    staged = reasoner.answer(image, talk, search="stage", beam_size=2)  # the judge is given the last question
+    staged = reasoner.answer(image, talk, search="stage", beam_size=2)
     assert staged.trace is not None and staged.usage["total_tokens"] > 0
     batched = reasoner.answer_batch([(image, talk), (image, "How many?"), (None, [talk[2]])], search="greedy",
                                     batch_size=3)
@@ -228,6 +228,45 @@ def test_a_conversation_is_answered_as_its_template_renders_it(reasoner, image):
     ]:
         with pytest.raises(ValueError, match=message):
             reasoner.answer(image, bad, search="greedy")
+
+
+def test_the_self_judge_of_a_conversation_reads_the_turns_before_its_question(reasoner, image, monkeypatch):
+    """A follow-up question ("and the red ones?") means nothing alone: the self judge's prompts hold the earlier
+    turns, in order, before the question; a plain question's prompts hold none; a callable judge is given the last
+    question."""
+    from stagereason.infer import judges
+    from stagereason.infer.generate import earlier_turns
+
+    trace = "<SUMMARY> a </SUMMARY>\n\n<CAPTION> b </CAPTION>\n\n<REASONING> c </REASONING>\n\n<CONCLUSION> 2 </CONCLUSION>"
+    talk = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": trace}]},
+            {"role": "user", "content": "And how many red ones?"}]
+    assert earlier_turns(talk) == f"User: [image]\nHow many objects?\n\nAssistant: {trace}"
+    assert earlier_turns("How many?") == "" and earlier_turns(talk[2:]) == ""
+    prompts = []
+    real = judges.SelfJudge._prompt
+
+    def spy(self, *args, **kwargs):
+        prompts.append(real(self, *args, **kwargs))
+        return prompts[-1]
+
+    monkeypatch.setattr(judges.SelfJudge, "_prompt", spy)
+    reasoner.answer(image, talk, search="stage", beam_size=2)
+    assert len(prompts) >= 8  # two orders, a comparison per stage
+    for p in prompts:
+        earlier = p.index("Conversation before the question:\nUser: [image]\nHow many objects?\n\nAssistant: <SUMMARY> a")
+        assert earlier < p.index("Question: And how many red ones?") < p.index("Candidate 1:")
+    prompts.clear()
+    reasoner.answer(image, "How many objects?", search="stage", beam_size=2)
+    assert prompts and not any("Conversation before" in p for p in prompts)
+    asked = []
+
+    def mine(img, question, so_far, candidates):
+        asked.append(question)
+        return [0.0] * len(candidates)
+
+    reasoner.answer(image, talk, search="stage", beam_size=2, judge=mine)
+    assert set(asked) == {"And how many red ones?"}
 
 
 def test_infer_cli_json_and_html(tiny_dir, image, tmp_path, capsys):
