@@ -65,8 +65,21 @@ def llama32v_11b_config(tokenizer):
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=ids("<|image|>"))
 
 
-def build(out: Path, arch: str) -> dict:
-    """Save a random model of ``arch`` ("llama32v-11b" or "test") with its processor to ``out``."""
+def sliced(config, text_layers: int):
+    """``config`` cut to its first ``text_layers`` text layers (its cross-attention layers among them) and a
+    vision tower of 5 local layers (the real one's 5 intermediate outputs) and 1 global layer; widths and
+    vocabulary kept."""
+    config.text_config.num_hidden_layers = text_layers
+    config.text_config.cross_attention_layers = [i for i in config.text_config.cross_attention_layers
+                                                 if i < text_layers]
+    config.vision_config.num_hidden_layers, config.vision_config.num_global_layers = 5, 1
+    config.vision_config.intermediate_layers_indices = [0, 1, 2, 3, 4]
+    return config
+
+
+def build(out: Path, arch: str, text_layers: int | None = None) -> dict:
+    """Save a random model of ``arch`` ("llama32v-11b" or "test") with its processor to ``out``; with
+    ``text_layers``, the 11B architecture :func:`sliced` to that many."""
     from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -78,6 +91,8 @@ def build(out: Path, arch: str) -> dict:
     t0 = time.perf_counter()
     tokenizer = _build_tokenizer(PRESETS["demo"], seed=0, llama3_ids=True)
     config = llama32v_11b_config(tokenizer)
+    if text_layers is not None:
+        config = sliced(config, text_layers)
     processor = MllamaProcessor(
         image_processor=MllamaImageProcessorPil(size={"height": 560, "width": 560}, max_image_tiles=4),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)

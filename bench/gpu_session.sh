@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of bench/gpu_11b.py in one call, within a time budget: build the random 11B model, QLoRA
-# training at 2048 tokens x 2 rows with its memory trace, the same with PyTorch's expandable segments, then stage
-# beam search against greedy. Each step prints one JSON line and keeps it in $OUT (or bench/out). The whole call
+# training at 2048 tokens x 2 rows with its memory trace, the same with PEFT's LoRA dropout instead of the lean one
+# (what that saves on the GPU), stage beam search against greedy, then training with PyTorch's expandable segments. Each step prints one JSON line and keeps it in $OUT (or bench/out). The whole call
 # keeps to BUDGET_S seconds (from the script's start): a step that would start later is skipped, and one running
 # when it is up is stopped (timeout's status 124); the script exits 1 when a step did not finish well.
 #
@@ -54,6 +54,7 @@ step() {  # step NAME ARGS...: one bench call, its last line (the JSON) kept as 
 step build build "$MODEL" --arch "$ARCH"
 [[ -f "$MODEL/config.json" ]] || { echo "the model was not built: see $OUT/build.err"; exit 1; }
 step train_trace train "$MODEL" --seq "$SEQ" --memory_trace 12 "${TRAIN_FLAGS[@]}"
-PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step train_expandable train "$MODEL" --seq "$SEQ" "${TRAIN_FLAGS[@]}"
+step train_peft_dropout train "$MODEL" --seq "$SEQ" --lean_lora_dropout false "${TRAIN_FLAGS[@]}"
 step infer infer "$MODEL" --max_stage_tokens 64 --repeats 2
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step train_expandable train "$MODEL" --seq "$SEQ" "${TRAIN_FLAGS[@]}"
 exit "$failed"

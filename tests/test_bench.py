@@ -19,8 +19,8 @@ def _bench(*args, cwd):
 
 
 def test_the_gpu_session_script_runs_every_gpu_11b_step_on_the_test_architecture(tmp_path):
-    # bench/gpu_session.sh is what a GPU machine runs (build, train with its memory trace, train with expandable
-    # segments, infer); on the tiny `test` architecture every step runs on the CPU too
+    # bench/gpu_session.sh is what a GPU machine runs (build, train with its memory trace, train with PEFT's
+    # dropout, infer, train with expandable segments); on the tiny `test` architecture every step runs on the CPU
     env = {**os.environ, "OUT": str(tmp_path / "out"), "ARCH": "test", "SEQ": "256", "MODEL": str(tmp_path / "m"),
            "TRAIN_FLAGS": "--max_image_tiles 2 --steps 2", "BUDGET_S": "100000",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -28,15 +28,28 @@ def test_the_gpu_session_script_runs_every_gpu_11b_step_on_the_test_architecture
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     steps = (tmp_path / "out/steps.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in steps] == ["# build", "# train_trace", "# train_expandable", "# infer"]
+    names = ["build", "train_trace", "train_peft_dropout", "infer", "train_expandable"]
+    assert [line.split(":")[0] for line in steps] == [f"# {n}" for n in names]
     assert all(": rc 0," in line for line in steps), steps
     result = {name: json.loads((tmp_path / f"out/{name}.json").read_text())
-              for name in ("build", "train_trace", "train_expandable", "infer")}
+              for name in names}
     assert result["build"]["arch"] == "test"
     assert result["train_trace"]["measured_steps"] == 2 and result["train_trace"]["last_loss"] is not None
     assert result["train_trace"]["alloc_conf"] is None
+    assert "--lean_lora_dropout false" in result["train_peft_dropout"]["overrides"]
     assert result["train_expandable"]["alloc_conf"] == "expandable_segments:True"
     assert {"greedy_s", "stage_n2_s", "stage_n4_s", "overhead_vs_greedy_n4"} <= set(result["infer"])
+
+
+def test_train_memory_measures_every_dropout_variant_on_the_test_model(tmp_path):
+    out = _bench(str(ROOT / "bench/train_memory.py"), "--arch", "test", "--seq", "256", "--max_image_tiles", "2",
+                 "--sites", "3", cwd=tmp_path)
+    assert out["measured"] == "cpu storages allocated by operators" and out["row_tokens"] <= 256
+    lean = {v: out[f"{v}_layers_with_lean_dropout"] for v in ("peft", "lean", "none")}
+    assert lean["peft"] == lean["none"] == 0 < lean["lean"]
+    for v in ("peft", "lean", "none"):
+        assert out[f"{v}_step_peak_bytes"] > 0 and len(out[f"{v}_sites"]) == 3
+    assert out["lean_step_peak_bytes"] <= out["peft_step_peak_bytes"] and "lean_over_peft" in out
 
 
 def _load_gpu_bench():

@@ -219,6 +219,7 @@ def run_info(cfg: TrainConfig, model_type: str, model, trainer: StageSFTTrainer,
     """What ``run_info.json`` records: base model, what trained and how, library versions, processes."""
     return {"base_model": local_or_name(cfg.model_name_or_path), "model_type": model_type, "peft": cfg.peft,
             "quantization": "4bit-nf4" if cfg.peft == "qlora" else None,
+            "lean_lora_dropout_layers": trainer.lora_dropout_fused,
             "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32",
             "attention": model.config._attn_implementation, "dataset": local_or_name(cfg.dataset),
             "versions": _versions(), "git_revision": _git_revision(), "resumed_from": resume,

@@ -149,6 +149,12 @@ class StageSFTTrainer(SFTTrainer):
                  max_image_side: int | None = None, image_source=None, image_tiles=None, text_only_guess=None,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        self.lora_dropout_fused = 0  # LoRA paths whose dropout keeps its input, not a copy (lora_dropout.py)
+        if getattr(self.args, "lean_lora_dropout", False) and not (self.is_fsdp_enabled
+                                                                          or self.is_deepspeed_enabled):
+            from stagereason.train.lora_dropout import fuse_lora_dropout
+
+            self.lora_dropout_fused = fuse_lora_dropout(self.model)
         # what the training answers alone get on the held-out rows, without the image: fixed, so computed once
         self.text_only_accuracy = None if text_only_guess is None or not stage_rows else sum(
             bool(r.answer) and answers_match(text_only_guess(r), r.answer) for r in stage_rows) / len(stage_rows)

@@ -184,9 +184,16 @@ def _snapshot(model):
 def test_qlora_changes_only_lora_weights(tiny_dir, scenes, tmp_path):
     import bitsandbytes as bnb
 
+    from stagereason.train.lora_dropout import DroppedInputLinear
+
     setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "qlora"))
     model = setup.trainer.model
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    lora_a = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    # the recipe's dropout (0.05) runs inside lora_A, which keeps no dropped copy of its input
+    assert setup.trainer.lora_dropout_fused == len(lora_a) > 0
+    assert all(type(m) is DroppedInputLinear and m.p == 0.05 for m in lora_a)
+    assert setup.info["lean_lora_dropout_layers"] == len(lora_a)
     with torch.no_grad():  # an inference forward: on AVX512-BF16 CPUs bitsandbytes repacks the 4-bit weights
         model.eval()(**{k: v for k, v in next(iter(setup.trainer.get_train_dataloader())).items() if k != "labels"})
     before = _snapshot(model)
@@ -198,6 +205,14 @@ def test_qlora_changes_only_lora_weights(tiny_dir, scenes, tmp_path):
     assert lora and changed == lora  # every adapter weight trained, and nothing else
     assert any("cross_attn" in n for n in changed)  # cross-attention is adapted too
     assert all("vision_model" not in n for n in lora)
+
+
+def test_lean_lora_dropout_false_keeps_pefts_dropout(tiny_dir, scenes, tmp_path):
+    setup = build_trainer(_cfg(tiny_dir, scenes, tmp_path / "run", "--peft", "lora", "--lean_lora_dropout", "false"))
+    model = setup.trainer.model
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(type(m) is torch.nn.Dropout and m.p == 0.05 for m in dropouts)
+    assert setup.trainer.lora_dropout_fused == setup.info["lean_lora_dropout_layers"] == 0
 
 
 def _vision_output_requires_grad(setup) -> bool:
