@@ -317,6 +317,7 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
         runtime = time.perf_counter() - t0
         model = setup.trainer.model
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lean = setup.trainer.lora_dropout_fused
         history = setup.trainer.state.log_history
     steady = (timer.times[warmup + steps - 1] - timer.times[warmup - 1]) / steps  # a traced step is not timed
     result = {
@@ -326,7 +327,7 @@ def train(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, lora_r
         "measured_steps": steps,
         "s_per_step": round(steady, 3), "tokens_per_s": round(batch * row_tokens / steady, 1),
         "samples_per_s": round(batch / steady, 3), "train_runtime_s": round(runtime, 1),
-        "trainable_params": trainable,
+        "trainable_params": trainable, "lean_lora_dropout_layers": lean,
         "first_loss": next((h["loss"] for h in history if "loss" in h), None),
         "last_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }

@@ -37,6 +37,7 @@ def test_the_gpu_session_script_runs_every_gpu_11b_step_on_the_test_architecture
     assert result["train_trace"]["measured_steps"] == 2 and result["train_trace"]["last_loss"] is not None
     assert result["train_trace"]["alloc_conf"] is None
     assert "--lean_lora_dropout false" in result["train_peft_dropout"]["overrides"]
+    assert result["train_peft_dropout"]["lean_lora_dropout_layers"] == 0 < result["train_trace"]["lean_lora_dropout_layers"]
     assert result["train_expandable"]["alloc_conf"] == "expandable_segments:True"
     assert {"greedy_s", "stage_n2_s", "stage_n4_s", "overhead_vs_greedy_n4"} <= set(result["infer"])
 
