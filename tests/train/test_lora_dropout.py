@@ -119,7 +119,8 @@ def test_the_layers_reading_one_input_keep_it_once_instead_of_a_dropped_copy_eac
     assert before - after == 2 * (3 * x.nbytes + o_input) - x.nbytes
 
 
-def test_a_checkpoint_recomputes_the_same_masks():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpoint_recomputes_the_same_masks(reentrant):
     from torch.utils.checkpoint import checkpoint
 
     x = torch.randn(2, 6, 24)
@@ -129,7 +130,7 @@ def test_a_checkpoint_recomputes_the_same_masks():
         fuse_lora_dropout(model)
         torch.manual_seed(3)
         xi = x.clone().requires_grad_()
-        out = checkpoint(model, xi, use_reentrant=False) if wrapped else model(xi)
+        out = checkpoint(model, xi, use_reentrant=reentrant) if wrapped else model(xi)
         out.square().sum().backward()
         grads.append([xi.grad] + [p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads, strict=True):
