@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of bench/gpu_11b.py in one call, within a time budget: build the random 11B model, QLoRA
 # training at 2048 tokens x 2 rows with its memory trace, the same with PEFT's LoRA dropout instead of the lean one
-# (what that saves on the GPU), stage beam search against greedy, then training with PyTorch's expandable segments. Each step prints one JSON line and keeps it in $OUT (or bench/out). The whole call
-# keeps to BUDGET_S seconds (from the script's start): a step that would start later is skipped, and one running
-# when it is up is stopped (timeout's status 124); the script exits 1 when a step did not finish well.
+# (what that saves on the GPU), stage beam search against greedy, then training with PyTorch's expandable segments.
+# Each step prints one JSON line and keeps it in $OUT (or bench/out). The whole call keeps to BUDGET_S seconds
+# (from the script's start): a step that would start later is skipped, and one running when it is up is stopped
+# (timeout's status 124); the script exits 1 when a step did not finish well.
 #
 #   bash bench/gpu_session.sh                  # on a GPU machine, from the repository's root
 #   ARCH=test SEQ=256 TRAIN_FLAGS="--max_image_tiles 2" bash bench/gpu_session.sh   # the tiny `test` model, a CPU

@@ -20,21 +20,18 @@ def prompt_messages(question: str | list[dict], n_images: int = 1) -> list[dict]
     return question if isinstance(question, list) else user_message(question, n_images)
 
 
+def _text_of(content, image: str | None = None) -> str:
+    """A message's text: its text parts joined, each image part written ``image`` (left out if None)."""
+    if isinstance(content, str):
+        return content
+    kinds = ("text", "image") if image is not None else ("text",)
+    return "\n".join(image if p["type"] == "image" else p.get("text", "") for p in content
+                     if isinstance(p, dict) and p.get("type") in kinds)
+
+
 def last_question(question: str | list[dict]) -> str:
     """The question itself: a conversation's last user turn, its text parts joined."""
-    if not isinstance(question, list):
-        return question
-    content = question[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
-
-
-def _text_of(content) -> str:
-    if isinstance(content, str):
-        return content
-    return "\n".join("[image]" if p.get("type") == "image" else p.get("text", "") for p in content
-                     if isinstance(p, dict) and p.get("type") in ("image", "text"))
+    return _text_of(question[-1]["content"]) if isinstance(question, list) else question
 
 
 def earlier_turns(question: str | list[dict]) -> str:
@@ -42,7 +39,8 @@ def earlier_turns(question: str | list[dict]) -> str:
     place written ``[image]``); empty for a plain question or a conversation of one turn."""
     if not isinstance(question, list):
         return ""
-    return "\n\n".join(f"{m['role'].capitalize()}: {_text_of(m['content']).strip()}" for m in question[:-1])
+    return "\n\n".join(f"{m['role'].capitalize()}: {_text_of(m['content'], '[image]').strip()}"
+                       for m in question[:-1])
 
 
 def filler_row() -> dict:

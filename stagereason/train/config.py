@@ -60,10 +60,10 @@ class TrainConfig(SFTConfig):
     lora_r: int = _f(16, "LoRA rank: higher = more capacity and memory.")
     lora_alpha: int = _f(32, "LoRA scaling numerator (effective scale alpha/r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA path.")
-    lean_lora_dropout: bool = _f(True, "LoRA dropout applied inside lora_A, which keeps its input and a seed "
-                                             "for the backward pass instead of a dropped copy per layer (the same "
-                                             "dropout, less memory); false: PEFT's dropout. Single process or DDP; "
-                                             "under FSDP and DeepSpeed PEFT's dropout is used.")
+    lean_lora_dropout: bool = _f(True, "LoRA dropout applied inside lora_A, which keeps its input and a seed for "
+                                       "the backward pass instead of a dropped copy per layer (the same dropout, "
+                                       "less memory); false: PEFT's dropout. Single process or DDP; under FSDP "
+                                       "and DeepSpeed PEFT's dropout is used.")
     lora_target_modules: str = _f(TEXT_DECODER_TARGETS, "Regex of modules to adapt; the default is the text "
                                                         "decoder's projections, cross-attention included.")
     vision_lora: bool = _f(False, "Also adapt every linear layer of the vision encoder (attention and MLP; "

@@ -32,9 +32,9 @@ def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p, generator=gen)
 
 
-def _dropped(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    out = x.to(dtype) * _keep(x, p, seed)
-    return out.mul_(1 / (1 - p))
+def _dropped(x: torch.Tensor, keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with the mask ``keep`` applied, the kept elements scaled by ``1 / (1 - p)``."""
+    return (x.to(dtype) * keep).mul_(1 / (1 - p))
 
 
 class _DroppedInputMatmul(torch.autograd.Function):
@@ -43,7 +43,7 @@ class _DroppedInputMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p: float, seed: int, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):
-            out = _dropped(x, p, seed, dtype) @ weight.to(dtype).t()
+            out = _dropped(x, _keep(x, p, seed), p, dtype) @ weight.to(dtype).t()
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed, ctx.dtype = p, seed, dtype
         return out
@@ -55,12 +55,13 @@ class _DroppedInputMatmul(torch.autograd.Function):
         grad_x = grad_w = None
         with torch.autocast(x.device.type, enabled=False):
             g = grad_out.to(dtype)
+            keep = _keep(x, p, seed)  # drawn once for both gradients
             if ctx.needs_input_grad[1]:
-                flat = _dropped(x, p, seed, dtype).reshape(-1, x.shape[-1])
+                flat = _dropped(x, keep, p, dtype).reshape(-1, x.shape[-1])
                 grad_w = (g.reshape(-1, g.shape[-1]).t() @ flat).to(weight.dtype)
                 del flat
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ weight.to(dtype)).mul_(_keep(x, p, seed)).mul_(1 / (1 - p)).to(x.dtype)
+                grad_x = (g @ weight.to(dtype)).mul_(keep).mul_(1 / (1 - p)).to(x.dtype)
         return grad_x, grad_w, None, None, None
 
 
@@ -68,7 +69,7 @@ class DroppedInputLinear(nn.Linear):
     """A LoRA ``lora_A`` (a bias-free ``nn.Linear``) that applies the layer's dropout itself, in training.
 
     Its weight, state-dict key and evaluation output are those of the ``nn.Linear`` it replaces. The input is
-    computed with in the autocast dtype when autocast is on (what ``nn.Linear`` does under it), else in the
+    computed in the autocast dtype when autocast is on (what ``nn.Linear`` does under it), else in the
     weight's dtype; the result has that dtype.
     """
 

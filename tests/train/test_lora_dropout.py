@@ -148,7 +148,7 @@ def test_what_is_not_plain_dropout_keeps_peft_s_forward():
 
 def test_the_lean_dropout_drops_a_share_p_of_the_inputs_and_scales_the_rest():
     x = torch.ones(200, 500)
-    dropped = _dropped(x, 0.3, 99, torch.float32)
+    dropped = _dropped(x, _keep(x, 0.3, 99), 0.3, torch.float32)
     assert dropped.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
     assert abs((dropped == 0).float().mean().item() - 0.3) < 0.01
-    assert not torch.equal(dropped, _dropped(x, 0.3, 100, torch.float32))  # another seed, another mask
+    assert not torch.equal(dropped, _dropped(x, _keep(x, 0.3, 100), 0.3, torch.float32))  # another seed, another mask
