@@ -190,7 +190,8 @@ def peak_sites(trace: list[dict], baseline: int, top: int) -> dict:
     ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])
     new = sum(e["size"] for e in held.values())
     return {
-        "peak_allocated_gb": round(peak / 2**30, 3), "allocated_at_step_start_gb": round(baseline / 2**30, 3),
+        "peak_allocated_gb": round(peak / 2**30, 3), "peak_allocated_bytes": peak,
+        "allocated_at_step_start_gb": round(baseline / 2**30, 3),
         "of_it_live_at_peak_gb": round((peak - new) / 2**30, 3),
         "allocated_in_step_live_at_peak_gb": round(new / 2**30, 3),
         "sites": [{"site": site, "gb": round(b / 2**30, 3), "blocks": n} for site, (b, n) in ranked[:top]],

@@ -25,7 +25,6 @@ logits (on a GPU a Triton kernel folds them); the bench narrows them to
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import tempfile
@@ -51,45 +50,45 @@ TORCH_DIR = str(Path(torch.__file__).parent) + "/"
 def build(out: Path, arch: str, text_layers: int) -> dict:
     """Save the slice of the 11B architecture (or the tiny ``test`` model) with its processor to ``out``."""
     if arch == "test":
-        return gpu_11b.build(out, "test")
+        gpu_11b.build(out, "test")
+        return {"arch": "test"}
     built = gpu_11b.build(out, "llama32v-11b", text_layers=text_layers)
     cross = json.loads((out / "config.json").read_text())["text_config"]["cross_attention_layers"]
     return {"arch": f"llama32v-11b, {text_layers} text layers (cross-attention at {cross}), 5+1 vision layers",
             "parameters": built["parameters"]}
 
 
-def _site() -> str:
-    """The innermost Python frame outside torch and this file: the model, PEFT or TRL line that allocated."""
+def _frame(op: str) -> dict:
+    """The innermost Python frame outside torch and this file (the model, PEFT or TRL line that allocated), in
+    the form of a CUDA allocation trace's frames, the operator named with the function."""
     frame = sys._getframe(2)
     while frame is not None and (frame.f_code.co_filename.startswith(TORCH_DIR)
                                  or frame.f_code.co_filename == __file__):
         frame = frame.f_back
     if frame is None:
-        return "(autograd's backward engine)"
-    name = frame.f_code.co_filename
-    for cut in ("site-packages/", str(ROOT) + "/"):
-        name = name.split(cut, 1)[-1]
-    return f"{name}:{frame.f_lineno} {frame.f_code.co_name}"
+        return {"filename": "(autograd's backward engine)", "line": 0, "name": f"[{op}]"}
+    return {"filename": frame.f_code.co_filename, "line": frame.f_lineno, "name": f"{frame.f_code.co_name} [{op}]"}
 
 
 class StorageRecord(TorchDispatchMode):
-    """Every CPU storage an operator allocates while active (not views, not in-place results): an ordered record
-    of allocations and frees, replayed by :meth:`peak` to the highest total and what was held then."""
+    """Every CPU storage an operator allocates while active (not views, not in-place results), and its freeing:
+    an ordered record in the form of the CUDA allocator's trace, which :func:`gpu_11b.peak_sites` replays to the
+    peak and what was held then (with ``sites``, each allocation's code; else none)."""
 
     def __init__(self, sites: bool):
         super().__init__()
         self.sites, self.live, self.events, self.n = sites, set(), [], 0
 
-    def _freed(self, key) -> None:
+    def _freed(self, key: int, size: int) -> None:
         if key in self.live:
             self.live.discard(key)
-            self.events.append(("free", key))
+            self.events.append({"action": "free_completed", "addr": key, "size": size})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
-        site = None
+        frames = None
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
@@ -98,38 +97,13 @@ class StorageRecord(TorchDispatchMode):
             if size == 0 or ptr in inputs:  # a view or in-place result: nothing new
                 continue
             inputs.add(ptr)  # an operator's outputs sharing a storage count once
-            if site is None:
-                site = f"{_site()} [{func.__name__}]" if self.sites else func.__name__
-            self.n += 1
-            key = (self.n, ptr)
-            self.live.add(key)
-            self.events.append(("alloc", key, size, site))
-            weakref.finalize(storage, self._freed, key)
+            if frames is None:
+                frames = [_frame(func.__name__)] if self.sites else []
+            self.n += 1  # a key of its own: a freed address is soon reused
+            self.live.add(self.n)
+            self.events.append({"action": "alloc", "addr": self.n, "size": size, "frames": frames})
+            weakref.finalize(storage, self._freed, self.n, size)
         return out
-
-    def peak(self, top: int) -> dict:
-        level = peak = 0
-        at = -1
-        sizes = {}
-        for i, event in enumerate(self.events):
-            if event[0] == "alloc":
-                sizes[event[1]] = event[2]
-                level += event[2]
-            else:
-                level -= sizes.get(event[1], 0)
-            if level > peak:
-                peak, at = level, i
-        held = {}
-        for event in self.events[:at + 1]:
-            if event[0] == "alloc":
-                held[event[1]] = (event[2], event[3])
-            else:
-                held.pop(event[1], None)
-        by_site = collections.defaultdict(int)
-        for size, site in held.values():
-            by_site[site] += size
-        ranked = sorted(by_site.items(), key=lambda kv: -kv[1])[:top]
-        return {"peak_bytes": peak, "sites": [{"site": s, "gb": round(b / 2**30, 3)} for s, b in ranked]}
 
 
 def measure(model_dir: Path, seq: int, variant: str, sites: int, overrides: list[str]) -> dict:
@@ -169,9 +143,10 @@ def measure(model_dir: Path, seq: int, variant: str, sites: int, overrides: list
                 self.result = {"peak_bytes": torch.cuda.max_memory_allocated() - self.start}
             else:
                 self.record.__exit__(None, None, None)
-                self.result = self.record.peak(sites)
-                if not sites:
-                    self.result.pop("sites")
+                peak = gpu_11b.peak_sites(self.record.events, 0, sites)
+                self.result = {"peak_bytes": peak["peak_allocated_bytes"]}
+                if sites:
+                    self.result["sites"] = peak["sites"]
             self.result["step_s"] = round(time.perf_counter() - self.t0, 1)
 
     with tempfile.TemporaryDirectory() as tmp:
