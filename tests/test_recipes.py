@@ -58,3 +58,13 @@ def test_the_qlora_recipe_shows_the_eval_image_root(monkeypatch, tmp_path):
     (cfg,) = parse_config(VERBS["train"].configs(), ["--config", rel, "--eval_split", str(tmp_path / "held.jsonl"),
                                                      "--eval_image_root", str(tmp_path / "images")])
     assert cfg.eval_image_root == str(tmp_path / "images")
+
+
+def test_the_qlora_recipe_shows_the_lean_lora_dropout(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rel = "train/llama32v-11b-qlora.yaml"
+    assert "lean_lora_dropout: true" in (ROOT / rel).read_text()
+    (cfg,) = parse_config(VERBS["train"].configs(), ["--config", rel])
+    assert cfg.lean_lora_dropout is True and cfg.lora_dropout == 0.05
+    (cfg,) = parse_config(VERBS["train"].configs(), ["--config", rel, "--lean_lora_dropout", "false"])
+    assert cfg.lean_lora_dropout is False
