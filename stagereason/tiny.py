@@ -49,26 +49,29 @@ IMAGE_TOKEN = "<|image|>"
 LLAMA3_TEXT_VOCAB = 128000  # BPE entries of Llama-3's tokenizer
 LLAMA3_SPECIALS = 256  # special tokens after them; <|image|> is 128256
 
-# The structure of Llama-3.2-11B-Vision-Instruct's template without the tool
-# branches; the date is fixed so that rendering is deterministic.
+# Llama-3.2-11B-Vision-Instruct's template without the tool branches, read as it reads: the date is today's
+# (strftime_now) unless date_string is passed, and a system turn's content is written through `| trim`, so only
+# a string reads as text (parts come out as a printed list: see infer.generate.fit_system_turns).
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
-    "{%- set image_ns = namespace(has_images=false) %}"
-    "{%- for message in messages %}{%- if message['content'] is not string %}"
-    "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}"
-    "{%- set image_ns.has_images = true %}{%- endif %}{%- endfor %}{%- endif %}{%- endfor %}"
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}{%- endif %}"
     "{%- if messages[0]['role'] == 'system' %}"
-    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] | trim %}"
-    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] | trim %}{%- endif %}"
+    "{%- set system_message = messages[0]['content'] | trim %}"
     "{%- set messages = messages[1:] %}"
     "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- set image_ns = namespace(has_images=false) %}"
+    "{%- for message in messages %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' %}{%- set image_ns.has_images = true %}{%- endif %}"
+    "{%- endfor %}{%- endfor %}"
     "{%- if image_ns.has_images and not system_message == '' %}"
     "{{- raise_exception('Prompting with images is incompatible with system messages.') }}"
     "{%- endif %}"
     "{%- if not image_ns.has_images %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
     "{{- 'Cutting Knowledge Date: December 2023\\n' }}"
-    "{{- 'Today Date: 26 Jul 2024\\n\\n' }}"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
     "{{- system_message }}"
     "{{- '<|eot_id|>' }}"
     "{%- endif %}"

@@ -6,8 +6,9 @@ import torch
 
 from stagereason.infer.decode import cache_kwarg, output_cache
 
-__all__ = ["Prefix", "encode_prompt", "filler_row", "float_dtype", "generate_greedy", "generate_greedy_shared",
-           "earlier_turns", "images_first", "last_question", "prompt_messages", "user_message"]
+__all__ = ["Prefix", "encode_prompt", "filler_row", "fit_system_turns", "float_dtype", "generate_greedy",
+           "generate_greedy_shared", "earlier_turns", "images_first", "last_question", "prompt_messages", "prompt_text",
+           "system_as_string", "user_message"]
 
 
 def user_message(question: str, n_images: int = 1) -> list[dict]:
@@ -18,6 +19,51 @@ def user_message(question: str, n_images: int = 1) -> list[dict]:
 def prompt_messages(question: str | list[dict], n_images: int = 1) -> list[dict]:
     """The chat messages of a prompt: a conversation as given, or one user turn of a question."""
     return question if isinstance(question, list) else user_message(question, n_images)
+
+
+_SYSTEM_PROBE = "stagereason system probe"
+_SYSTEM_AS_STRING: dict[str, bool] = {}  # chat template -> whether it reads a system turn's content as a string
+
+
+def system_as_string(processor) -> bool:
+    """Whether the model's own chat template reads a system turn's content only as a string.
+
+    Llama-3.2-Vision's template writes it through ``| trim``: content given as parts (``[{"type": "text", ...}]``,
+    as training rows and checked conversations hold it) comes out as a printed Python list. LLaVA-NeXT's reads
+    ``content[0]["text"]`` and needs parts; Qwen-VL's and Gemma 3's take either. Found once per template by
+    rendering a system turn both ways.
+    """
+    template = getattr(processor, "chat_template", None)
+    if not isinstance(template, str):
+        return False
+    if template not in _SYSTEM_AS_STRING:
+        def render(content) -> str:
+            try:
+                return processor.apply_chat_template([{"role": "system", "content": content},
+                                                      {"role": "user", "content": [{"type": "text", "text": "?"}]}],
+                                                     tokenize=False)
+            except Exception:  # noqa: BLE001 - a template that refuses this form: the other one, if it reads it
+                return ""
+        parts = render([{"type": "text", "text": _SYSTEM_PROBE}])
+        read_as_parts = _SYSTEM_PROBE in parts and "{'type'" not in parts
+        _SYSTEM_AS_STRING[template] = not read_as_parts and _SYSTEM_PROBE in render(_SYSTEM_PROBE)
+    return _SYSTEM_AS_STRING[template]
+
+
+def fit_system_turns(messages: list[dict], processor) -> list[dict]:
+    """``messages`` with each system turn's content in the form the model's chat template reads (see
+    :func:`system_as_string`): its text parts joined into a string where the template takes only a string."""
+    if not any(m["role"] == "system" and not isinstance(m["content"], str) for m in messages):
+        return messages
+    if not system_as_string(processor):
+        return messages
+    return [{**m, "content": _text_of(m["content"])} if m["role"] == "system" else m for m in messages]
+
+
+def prompt_text(processor, question: str | list[dict], n_images: int = 1) -> str:
+    """A question's (or conversation's) prompt as the model's own chat template writes it, ready for its answer."""
+    messages = fit_system_turns(prompt_messages(question, n_images), processor)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def _text_of(content, image: str | None = None) -> str:
@@ -105,8 +151,7 @@ def generate_greedy(model, processor, items: list[tuple[list, str]], *, max_new_
                 chunk = [*chunk, (filler_row()["images"], ".")]
             order = [k for k, _ in images_first(list(enumerate(chunk)), lambda kc: kc[1][0])]  # answers: in order
             chunk = [chunk[k] for k in order]
-            texts = [processor.apply_chat_template(prompt_messages(q, len(imgs)), add_generation_prompt=True)
-                     for imgs, q in chunk]
+            texts = [prompt_text(processor, q, len(imgs)) for imgs, q in chunk]
             images = [imgs for imgs, _ in chunk]
             inputs = processor(images=images if any(images) else None, text=texts, padding=True,
                                padding_side="left", add_special_tokens=False, return_tensors="pt")
@@ -161,7 +206,7 @@ def generate_greedy_shared(model, processor, n: int, item, *, sharded: bool, max
 def encode_prompt(model, processor, images: list, question: str | list[dict]):
     """One question's prompt (chat template, generation prompt) and images as model inputs on its device; a
     conversation (chat messages ending with the user turn to answer) is the prompt as given."""
-    text = processor.apply_chat_template(prompt_messages(question, len(images)), add_generation_prompt=True)
+    text = prompt_text(processor, question, len(images))
     inputs = processor(images=[images] if images else None, text=[text], add_special_tokens=False,
                        return_tensors="pt").to(model.device)
     if "pixel_values" in inputs:

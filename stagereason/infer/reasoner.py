@@ -278,8 +278,10 @@ def _checked(question: str | list[dict], processor, specials, n_images: int | No
                          f"{n_images} image(s) go with it")
     from jinja2 import TemplateError
 
+    from stagereason.infer.generate import prompt_text
+
     try:
-        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_text(processor, messages)
     except TemplateError as err:
         raise ValueError(f"the model's chat template refuses the conversation: {err}") from err
     return messages

@@ -204,6 +204,21 @@ def _check_tiles(cfg: TrainConfig, model_config) -> None:
                          "tiles per image")
 
 
+def _training_template(cfg: TrainConfig, processor, model_type: str, base: str) -> str:
+    """:func:`training_chat_template`; a tiny model of an earlier stagereason, whose template fixed the date, is
+    named as such."""
+    from stagereason.train.templates import training_chat_template
+
+    try:
+        return training_chat_template(processor, model_type, cfg.chat_template_path)
+    except ValueError as err:
+        if cfg.chat_template_path is None and (Path(base) / "stagereason_tiny.json").is_file():
+            raise ValueError(f"{err}\n{cfg.model_name_or_path} is a tiny model built by an earlier stagereason, "
+                             "whose template fixed the date: build it again (stagereason tiny-model "
+                             f"{cfg.model_name_or_path} --force)") from err
+        raise
+
+
 def build_trainer(cfg: TrainConfig) -> TrainSetup:
     """Validate the data, drop over-long rows, load the model and build the trainer (``trainer`` is None on dry runs).
 
@@ -213,7 +228,6 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
     from stagereason.modeling import load_processor
     from stagereason.modeling import model_config as read_model_config
     from stagereason.train.collate import StageCollator
-    from stagereason.train.templates import training_chat_template
 
     resume, clear = _prepare_output_dir(cfg)
     base = local_or_name(cfg.model_name_or_path)  # recorded in the adapter: the run dir loads from anywhere
@@ -225,7 +239,7 @@ def build_trainer(cfg: TrainConfig) -> TrainSetup:
         check_images_outside(Path(cfg.output_dir), train_rows + eval_rows)
     _check_tiles(cfg, model_config)
     processor = load_processor(base, model_config.model_type)
-    template = training_chat_template(processor, model_config.model_type, cfg.chat_template_path)
+    template = _training_template(cfg, processor, model_config.model_type, base)
     rendered = {id(r) for r in _token_lengths(train_rows + eval_rows, processor, template, rep, cfg.skip_invalid)}
     tile = (getattr(processor.image_processor, "size", {}) or {}).get("height", 560)
     most = getattr(processor.image_processor, "max_image_tiles", None)

@@ -7,12 +7,23 @@ from pathlib import Path
 __all__ = ["training_chat_template"]
 
 _DIR = Path(__file__).with_name("templates")
-_PROBE = [
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]},
-    {"role": "assistant", "content": [{"type": "text", "text": "<SUMMARY> a </SUMMARY>"}]},
-    {"role": "user", "content": [{"type": "text", "text": "And squares?"}]},
-    {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
-]
+_PROBES = {  # contents as parts, as TRL's collator gives them to the training template
+    "a two-turn conversation about an image": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<SUMMARY> a </SUMMARY>"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And squares?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+    ],
+    "a question without an image": [  # Llama-3.2-Vision writes its system header (and today's date) here
+        {"role": "user", "content": [{"type": "text", "text": "Is 7 prime?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+    ],
+    "a system turn and a question without an image": [
+        {"role": "system", "content": [{"type": "text", "text": "Answer in stages."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Is 7 prime?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+    ],
+}
 
 
 def training_chat_template(processor, model_type: str, path: str | Path | None = None) -> str:
@@ -41,9 +52,27 @@ def training_chat_template(processor, model_type: str, path: str | Path | None =
     if not has_generation_markers(template):
         raise ValueError("the training chat template has no {% generation %} markers")
     if processor.chat_template is not None:
-        own = processor.apply_chat_template(_PROBE, tokenize=False)
-        ours = processor.apply_chat_template(_PROBE, tokenize=False, chat_template=template)
-        if own != ours:
-            raise ValueError("the training chat template does not render like the model's own template:\n"
-                             f"  model: {own!r}\n  ours:  {ours!r}\npass --chat_template_path with a matching copy")
+        _check_renders_alike(processor, template)
     return template
+
+
+def _check_renders_alike(processor, template: str) -> None:
+    """The training template writes each probe as the model's own writes it at inference (a system turn in the
+    form the model's template reads: ``infer.generate.fit_system_turns``); a probe the model's template refuses
+    is not compared."""
+    from jinja2 import TemplateError
+
+    from stagereason.infer.generate import fit_system_turns
+
+    for what, probe in _PROBES.items():
+        try:
+            own = processor.apply_chat_template(fit_system_turns(probe, processor), tokenize=False)
+        except TemplateError:
+            continue
+        try:
+            ours = processor.apply_chat_template(probe, tokenize=False, chat_template=template)
+        except TemplateError as err:
+            ours = f"(refused: {err})"
+        if own != ours:
+            raise ValueError(f"the training chat template does not render {what} like the model's own template:\n"
+                             f"  model: {own!r}\n  ours:  {ours!r}\npass --chat_template_path with a matching copy")

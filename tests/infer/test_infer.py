@@ -230,6 +230,24 @@ def test_a_conversation_is_answered_as_its_template_renders_it(reasoner, image):
             reasoner.answer(image, bad, search="greedy")
 
 
+def test_a_system_turn_reaches_the_prompt_as_text_in_either_form(reasoner):
+    """Llama-3.2-Vision's template prints a system turn given as parts (the form a conversation is checked into,
+    and training rows hold) as a Python list: the prompt holds its text, whichever form it came in."""
+    from stagereason.infer.generate import Prefix
+
+    question = {"role": "user", "content": "Is 7 prime?"}
+    as_string = [{"role": "system", "content": "Answer in stages."}, question]
+    as_parts = [{"role": "system", "content": [{"type": "text", "text": "Answer in stages."}]}, question]
+    text = reasoner.processor.apply_chat_template(as_string, add_generation_prompt=True)
+    assert "Answer in stages.<|eot_id|>" in text
+    expected = reasoner.processor(text=[text], add_special_tokens=False, return_tensors="pt")["input_ids"][0].tolist()
+    for talk in (as_string, as_parts):
+        prefix = Prefix(reasoner.model, reasoner.processor, [], reasoner.check_question(talk, 0))
+        assert prefix.ids[0].tolist() == expected
+    assert reasoner.answer(None, as_parts, search="greedy").text == reasoner.answer(None, as_string,
+                                                                                  search="greedy").text
+
+
 def test_the_self_judge_of_a_conversation_reads_the_turns_before_its_question(reasoner, image, monkeypatch):
     """A follow-up question ("and the red ones?") means nothing alone: the self judge's prompts hold the earlier
     turns, in order, before the question; a plain question's prompts hold none; a callable judge is given the last

@@ -373,3 +373,50 @@ def test_windows_line_ends_are_read_as_newlines(tmp_path):
     (loaded,), _, _ = load_rows(str(_write(tmp_path, rows)))
     texts = [c["text"] for m in loaded.messages for c in m["content"] if c["type"] == "text"]
     assert texts == ["Line one.\nLine two?", TRACE] and not any("\r" in t for t in texts)
+
+
+def _staged(conclusion):
+    return (f"<SUMMARY> I will read the figure. </SUMMARY>\n\n<CAPTION> The figure shows it. </CAPTION>\n\n"
+            f"<REASONING> So the answer is {conclusion}. </REASONING>\n\n<CONCLUSION> {conclusion} </CONCLUSION>")
+
+
+def test_the_published_llava_cot_100k_layout_loads_as_is_given_its_image_root(tmp_path, tiny_dir, capsys):
+    # LLaVA-CoT-100k's train.jsonl: {"id", "image": "<folder>/<file>", "conversations": [{"from": "human"} with no
+    # <image> placeholder, {"from": "gpt"} staged answer, ...]}; its images unpack into one folder per source set,
+    # kept apart from the file here. Images of its sources' kinds: palette, RGBA, grey, and a large JPEG page.
+    from stagereason.cli import main
+
+    root, meta = tmp_path / "LLaVA-CoT-100k", tmp_path / "meta"
+    kinds = {"ai2d/images/4000.png": ("P", (320, 240)), "CLEVR_v1.0/images/train/CLEVR_train_000001.png":
+             ("RGBA", (480, 320)), "geoqa+/images/12.png": ("L", (203, 130)), "docvqa/train/documents/f.jpg":
+             ("RGB", (1700, 2200)), "sqa/train/4360/image.png": ("RGB", (300, 200))}
+    for rel, (mode, size) in kinds.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, "green").convert(mode).save(root / rel)
+    question = "Which label shows the larva?\nA. A\nB. B\nAnswer with the option's letter from the given choices directly."
+    published = [{"id": rel.split("/")[0], "image": rel, "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": _staged("B")}]} for rel in kinds]
+    published[-1]["conversations"] += [{"from": "human", "value": "Which state is farthest north?"},
+                                       {"from": "gpt", "value": _staged("West Virginia")}]
+    meta.mkdir()
+    (meta / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in published))
+
+    rows, report, _ = load_rows(str(meta / "train.jsonl"), str(root))
+    assert report.ok and report.rows == 5 and report.images == 5
+    assert [r.images for r in rows] == [[str(root / rel)] for rel in kinds]
+    assert [r.answer for r in rows] == ["B", "B", "B", "B", "West Virginia"]  # the last turn's conclusion
+    assert _kinds(rows[-1].messages) == [("user", ["image", question]), ("assistant", [_staged("B")]),
+                                         ("user", ["Which state is farthest north?"]),
+                                         ("assistant", [_staged("West Virginia")])]
+    for rel in kinds:  # each image decodes as the model gets it, its longest side capped
+        im = open_image(str(root / rel), 1120)
+        assert im.mode == "RGB" and max(im.size) <= 1120
+    with pytest.raises(ValueError, match=r"5 invalid row\(s\) .* ai2d: image: missing image .*meta/ai2d/images/4000"):
+        load_rows(str(meta / "train.jsonl"))  # without the image root, paths are relative to the file's folder
+
+    args = ["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(meta / "train.jsonl"), "--image_root",
+            str(root), "--eval_split", "1", "--dry_run", "--json", "--output_dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["rows"], summary["images"], summary["train_rows"], summary["eval_rows"]) == (5, 5, 4, 1)
+    assert summary["invalid_dropped"] == summary["too_long_dropped"] == 0

@@ -23,6 +23,7 @@ from transformers import AutoProcessor
 
 from stagereason.cli import main
 from stagereason.config import parse_config
+from stagereason.infer.generate import fit_system_turns
 from stagereason.train.collate import StageCollator
 from stagereason.train.config import _accelerator_available
 from stagereason.train.data import Row, load_rows
@@ -53,8 +54,9 @@ def _cfg(tiny_dir, data, out, *flags):
 def _expected_label_positions(processor, messages):
     """Assistant tokens found independently: each assistant turn spans from the end of the prompt that
     precedes it (rendered with add_generation_prompt) to the end of the rendering that includes it."""
-    def n_tokens(msgs, gen):
-        text = processor.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    def n_tokens(msgs, gen):  # a system turn in the form the model's template reads, as inference gives it
+        text = processor.apply_chat_template(fit_system_turns(msgs, processor), add_generation_prompt=gen,
+                                             tokenize=False)
         return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     positions = []
@@ -80,7 +82,11 @@ def test_label_positions_are_exactly_the_assistant_tokens(tiny_dir, scenes, tmp_
     text_only = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "2+2?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "4"}]}], "images": []}
-    examples = [{"messages": rows[0].messages, "images": rows[0].images}, multi_turn, two_images, text_only]
+    with_system = {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Answer in stages."}]}, *text_only["messages"]],
+        "images": []}
+    examples = [{"messages": rows[0].messages, "images": rows[0].images}, multi_turn, two_images, text_only,
+                with_system]
     model_type = "mllama"
     collator = StageCollator(processor, training_chat_template(processor, model_type), 64, 507)
     batch = collator(examples)
@@ -92,7 +98,7 @@ def test_label_positions_are_exactly_the_assistant_tokens(tiny_dir, scenes, tmp_
         assert image_id not in batch["labels"][i].tolist()
         eot = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
         assert batch["input_ids"][i][got[-1]] == eot  # the model learns to stop
-    assert (batch["input_ids"] == image_id).sum() == 4  # one, one, two and zero images
+    assert (batch["input_ids"] == image_id).sum() == 4  # one, one, two, zero and zero images
 
 
 @pytest.mark.parametrize("assistant_only", ["true", "false"])
