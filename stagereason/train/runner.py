@@ -212,7 +212,8 @@ def _training_template(cfg: TrainConfig, processor, model_type: str, base: str) 
     try:
         return training_chat_template(processor, model_type, cfg.chat_template_path)
     except ValueError as err:
-        if cfg.chat_template_path is None and (Path(base) / "stagereason_tiny.json").is_file():
+        dated = "render a question without an image" in str(err)  # the header that holds the date
+        if dated and cfg.chat_template_path is None and (Path(base) / "stagereason_tiny.json").is_file():
             raise ValueError(f"{err}\n{cfg.model_name_or_path} is a tiny model built by an earlier stagereason, "
                              "whose template fixed the date: build it again (stagereason tiny-model "
                              f"{cfg.model_name_or_path} --force)") from err
